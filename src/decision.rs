@@ -1,0 +1,452 @@
+//! The ordered decisions of SPEC §3 for one request. Pure: the request's headers and source
+//! address in, an `Outcome` out (a local reply, or the edits to make before going upstream).
+//! Shared state is reached only through `SharedStore`.
+
+use crate::client_ip;
+use crate::config::{Config, ExemptRule, SiteSource};
+use crate::credential::{self, Location};
+use crate::path;
+use crate::ratelimit::{self, Counted};
+use crate::record::{self, Found, Record};
+use crate::response::{render_template, Class, RateContext};
+use crate::shared::{self, SharedStore};
+use sha2::{Digest, Sha256};
+use std::net::IpAddr;
+
+/// Keys longer than this are refused before hashing.
+pub const MAX_KEY_BYTES: usize = 1024;
+
+/// The worker's view of the published key list, refreshed from the meta record on ticks and
+/// whenever a bucket says its layout moved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListState {
+    pub loaded: bool,
+    pub bits: u8,
+    pub fetched_at: u64,
+}
+
+impl ListState {
+    pub fn from_meta(meta: Option<&shared::Meta>, source: &str) -> ListState {
+        match meta {
+            Some(m) if m.generation > 0 && m.source == source => ListState {
+                loaded: true,
+                bits: m.bits,
+                fetched_at: m.fetched_at,
+            },
+            _ => ListState::default(),
+        }
+    }
+}
+
+/// What happened to a request, for metrics and logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Allowed,
+    Exempt,
+    FailOpen,
+    Whoami,
+    Refused(Class),
+}
+
+/// A response keygate sends itself instead of going upstream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u32,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub kind: Kind,
+    /// The key's id once it is known (logs name keys by id only).
+    pub key_id: Option<String>,
+    pub reply: Option<Reply>,
+    /// Request headers to remove before going upstream.
+    pub remove_headers: Vec<String>,
+    /// Request headers to set (replacing any value) before going upstream.
+    pub set_headers: Vec<(String, String)>,
+    /// A new `:path` (the credential's query parameter taken out).
+    pub new_path: Option<String>,
+    /// Headers to add to the upstream's response.
+    pub response_headers: Vec<(String, String)>,
+}
+
+impl Outcome {
+    fn new(kind: Kind) -> Outcome {
+        Outcome {
+            kind,
+            key_id: None,
+            reply: None,
+            remove_headers: Vec::new(),
+            set_headers: Vec::new(),
+            new_path: None,
+            response_headers: Vec::new(),
+        }
+    }
+}
+
+/// The request as the host hands it over: all headers (pseudo-headers included, names
+/// lowercase, values as raw bytes) and the connection's source address.
+pub struct Request<'a> {
+    pub headers: &'a [(String, Vec<u8>)],
+    pub source: Option<IpAddr>,
+}
+
+impl<'a> Request<'a> {
+    pub fn header(&self, name: &str) -> Option<&'a [u8]> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    fn header_str(&self, name: &str) -> &'a str {
+        self.header(name)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .unwrap_or("")
+    }
+
+    /// Every value of a header joined with commas, as HTTP allows for list headers (XFF).
+    fn joined(&self, name: &str) -> Option<Vec<u8>> {
+        let mut out: Option<Vec<u8>> = None;
+        for (_, v) in self.headers.iter().filter(|(k, _)| k == name) {
+            match &mut out {
+                None => out = Some(v.clone()),
+                Some(o) => {
+                    o.push(b',');
+                    o.extend_from_slice(v);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Builds the local reply of a refusal class.
+pub fn refusal(
+    cfg: &Config,
+    class: Class,
+    rate: Option<(RateContext, Vec<(String, String)>)>,
+) -> Reply {
+    let r = cfg.response(class);
+    let (ctx, rate_headers) = rate.unwrap_or_default();
+    let mut headers = vec![("content-type".to_string(), r.content_type.clone())];
+    headers.extend(r.headers.iter().cloned());
+    headers.extend(rate_headers);
+    Reply {
+        status: r.status,
+        headers,
+        body: r.render_body(&ctx),
+    }
+}
+
+fn refused(cfg: &Config, class: Class) -> Outcome {
+    let mut o = Outcome::new(Kind::Refused(class));
+    o.reply = Some(refusal(cfg, class, None));
+    o
+}
+
+fn exempt_matches(rule: &ExemptRule, method: &str, norm_path: &str, req: &Request) -> bool {
+    if rule.preflight
+        && !(method == "OPTIONS"
+            && req.header("origin").is_some()
+            && req.header("access-control-request-method").is_some())
+    {
+        return false;
+    }
+    if rule.method.as_deref().is_some_and(|m| m != method) {
+        return false;
+    }
+    rule.path.as_ref().is_none_or(|p| p.matches(norm_path))
+}
+
+/// A scope held by a key covers the one a route needs: equal, `*`, or `prefix:*`.
+pub fn scope_covers(held: &str, needed: &str) -> bool {
+    if held == "*" || held == needed {
+        return true;
+    }
+    match held.strip_suffix('*') {
+        Some(prefix) if prefix.ends_with(':') => needed.starts_with(prefix),
+        _ => false,
+    }
+}
+
+fn rate_context(counted: &Counted, now: u64) -> RateContext {
+    let t = counted.tightest();
+    RateContext {
+        retry_after: if counted.allowed() { 0 } else { counted.retry_after(now) },
+        limit: t.map_or(0, |s| s.limit),
+        remaining: t.map_or(0, |s| s.remaining()),
+        reset: t.map_or(0, |s| s.reset),
+    }
+}
+
+/// Escapes a value for a JSON string when the template is JSON (ids may hold `"` or `\`).
+fn template_value(v: &str, json: bool) -> String {
+    if !json {
+        return v.to_string();
+    }
+    let quoted = serde_json::to_string(v).unwrap_or_default();
+    quoted
+        .strip_prefix('"')
+        .and_then(|s| s.strip_suffix('"'))
+        .unwrap_or("")
+        .to_string()
+}
+
+/// The key's record from its bucket; a `moved` bucket means the layout changed under us, so
+/// the list state is re-read once.
+fn lookup(
+    store: &dyn SharedStore,
+    list: &mut ListState,
+    source: &str,
+    hash: &[u8; 32],
+    buf: &mut Vec<u8>,
+) -> Option<()> {
+    for _ in 0..2 {
+        *buf = store
+            .get(&shared::bucket_key(list.bits, record::bucket_index(hash, list.bits)))
+            .0
+            .unwrap_or_default();
+        match record::find(buf, hash) {
+            Found::Moved => {
+                *list = ListState::from_meta(shared::read_meta(store).as_ref(), source);
+                if !list.loaded {
+                    return None;
+                }
+            }
+            _ => return Some(()),
+        }
+    }
+    None
+}
+
+/// Strips the credential and client-sent identity headers for a request going upstream.
+fn upstream_edits(cfg: &Config, o: &mut Outcome, req: &Request, found: Option<&Location>) {
+    for h in [&cfg.key_id_header, &cfg.owner_header].into_iter().flatten() {
+        if req.header(h).is_some() && !o.set_headers.iter().any(|(k, _)| k == h) {
+            o.remove_headers.push(h.clone());
+        }
+    }
+    if !cfg.strip_credential {
+        return;
+    }
+    match found {
+        Some(Location::Header(h)) => o.remove_headers.push(h.clone()),
+        Some(Location::Query(q)) => {
+            o.new_path = Some(path::remove_query_param(req.header_str(":path"), q))
+        }
+        None => {}
+    }
+}
+
+pub fn decide(
+    cfg: &Config,
+    list: &mut ListState,
+    store: &dyn SharedStore,
+    req: &Request,
+    now: u64,
+) -> Outcome {
+    let source = &cfg.key_list.source_id();
+    let method = req.header_str(":method");
+    let (raw_path, query) = path::split_query(req.header_str(":path"));
+    let norm_path = path::normalize(raw_path);
+    let credential = credential::find(&cfg.credentials, |n| req.header(n), query);
+
+    // 2. Client IP and the global lists, before anything else (exempt requests included).
+    let xff = if cfg.xff_trusted_hops > 0 {
+        req.joined("x-forwarded-for")
+    } else {
+        None
+    };
+    let ip = client_ip::client_ip(req.source, xff.as_deref(), cfg.xff_trusted_hops);
+    let ip_ok = |set: &crate::ipset::IpSet| ip.is_some_and(|ip| set.contains(ip));
+    if (!cfg.ip_deny.is_empty() && ip_ok(&cfg.ip_deny))
+        || (!cfg.ip_allow.is_empty() && !ip_ok(&cfg.ip_allow))
+    {
+        return refused(cfg, Class::IpDenied);
+    }
+
+    // 3. Exempt requests go upstream without identity.
+    if cfg
+        .exempt
+        .iter()
+        .any(|r| exempt_matches(r, method, &norm_path, req))
+    {
+        let mut o = Outcome::new(Kind::Exempt);
+        upstream_edits(cfg, &mut o, req, credential.as_ref().map(|c| &c.location));
+        return o;
+    }
+
+    // 4. A list must be loaded and fresh enough.
+    let stale = cfg.key_list.max_stale_s > 0
+        && now.saturating_sub(list.fetched_at) > cfg.key_list.max_stale_s;
+    if !list.loaded || stale {
+        if cfg.key_list.fail_open {
+            let mut o = Outcome::new(Kind::FailOpen);
+            upstream_edits(cfg, &mut o, req, credential.as_ref().map(|c| &c.location));
+            return o;
+        }
+        return refused(cfg, Class::Unavailable);
+    }
+
+    // 5. The credential.
+    let Some(credential) = credential else {
+        return refused(cfg, Class::MissingKey);
+    };
+
+    // 6. Too many failed attempts from this client: refuse before looking anything up.
+    if let Some(limit) = &cfg.invalid_key_limit {
+        if shared::ip_failures(store, ip, limit, now) >= limit.limit {
+            let retry_after = ratelimit::failure_retry_after(limit, now);
+            let ctx = RateContext {
+                retry_after,
+                limit: limit.limit,
+                remaining: 0,
+                reset: ratelimit::window_start(now, limit.window_s) + limit.window_s,
+            };
+            let mut o = Outcome::new(Kind::Refused(Class::RateLimited));
+            o.reply = Some(refusal(
+                cfg,
+                Class::RateLimited,
+                Some((ctx, vec![("retry-after".into(), retry_after.to_string())])),
+            ));
+            return o;
+        }
+    }
+
+    // 7. Format, then the list.
+    let key = &credential.key;
+    let well_formed = key.len() <= MAX_KEY_BYTES
+        && (cfg.key_prefixes.is_empty()
+            || cfg.key_prefixes.iter().any(|p| key.starts_with(p.as_bytes())));
+    let mut buf = Vec::new();
+    let record = if well_formed {
+        let hash: [u8; 32] = Sha256::digest(key).into();
+        match lookup(store, list, source, &hash, &mut buf) {
+            None => return refused(cfg, Class::Unavailable),
+            Some(()) => match record::find(&buf, &hash) {
+                Found::Key(r) => Some(r),
+                _ => None,
+            },
+        }
+    } else {
+        None
+    };
+    let Some(record) = record else {
+        if let Some(limit) = &cfg.invalid_key_limit {
+            shared::add_ip_failure(store, ip, limit, now);
+        }
+        return refused(cfg, Class::InvalidKey);
+    };
+    decide_key(cfg, store, req, &record, ip, &norm_path, method, &credential.location, now)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decide_key(
+    cfg: &Config,
+    store: &dyn SharedStore,
+    req: &Request,
+    record: &Record,
+    ip: Option<IpAddr>,
+    norm_path: &str,
+    method: &str,
+    location: &Location,
+    now: u64,
+) -> Outcome {
+    let with_id = |mut o: Outcome| {
+        o.key_id = Some(record.id.to_string());
+        o
+    };
+
+    // 8. Status, expiry, owner.
+    if !record.active || record.expires_at.is_some_and(|t| now as i64 >= t) {
+        return with_id(refused(cfg, Class::ExpiredKey));
+    }
+    if !record.owner_valid {
+        return with_id(refused(cfg, Class::InvalidKey));
+    }
+
+    // 9. The key's own IP list.
+    if !record.ip_allowed(ip) {
+        return with_id(refused(cfg, Class::IpDenied));
+    }
+
+    // 10. Sites.
+    if record.sites().next().is_some() {
+        let site = match &cfg.site {
+            Some(SiteSource::PathSegment(n)) => path::segment(norm_path, *n),
+            Some(SiteSource::Header(h)) => req.header(h).and_then(|v| std::str::from_utf8(v).ok()),
+            None => None,
+        };
+        if !site.is_some_and(|s| record.sites().any(|k| k == s)) {
+            return with_id(refused(cfg, Class::Forbidden));
+        }
+    }
+
+    // 11. Route scopes: the first matching rule decides.
+    let rule = cfg.routes.iter().find(|r| {
+        (r.methods.is_empty() || r.methods.iter().any(|m| m == method)) && r.path.matches(norm_path)
+    });
+    if let Some(needed) = rule.and_then(|r| r.scope.as_deref()) {
+        if !record.scopes().any(|held| scope_covers(held, needed)) {
+            return with_id(refused(cfg, Class::Forbidden));
+        }
+    }
+
+    // 12. Rate limits.
+    let limits = record.limits().unwrap_or_else(|| cfg.default_limits.clone());
+    let mut rate_headers = Vec::new();
+    if !limits.is_empty() {
+        let Some(counted) = shared::count_key(store, record.id, &limits, now) else {
+            // The shared counter could not be updated: refuse rather than over-admit.
+            let mut o = Outcome::new(Kind::Refused(Class::RateLimited));
+            let ctx = RateContext { retry_after: 1, ..Default::default() };
+            o.reply = Some(refusal(
+                cfg,
+                Class::RateLimited,
+                Some((ctx, vec![("retry-after".into(), "1".into())])),
+            ));
+            return with_id(o);
+        };
+        if let Some(t) = counted.tightest() {
+            rate_headers = ratelimit::headers(cfg.header_style, t, now)
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+        }
+        if !counted.allowed() {
+            let ctx = rate_context(&counted, now);
+            rate_headers.push(("retry-after".into(), ctx.retry_after.to_string()));
+            let mut o = Outcome::new(Kind::Refused(Class::RateLimited));
+            o.reply = Some(refusal(cfg, Class::RateLimited, Some((ctx, rate_headers))));
+            return with_id(o);
+        }
+    }
+
+    // Identity endpoint: keygate answers it itself.
+    if let Some(w) = cfg.whoami.as_ref().filter(|w| w.path == norm_path) {
+        let json = w.content_type.contains("json");
+        let body = render_template(&w.body, &RateContext::default())
+            .replace("{owner}", &template_value(record.owner, json))
+            .replace("{key_id}", &template_value(record.id, json));
+        let mut headers = vec![("content-type".to_string(), w.content_type.clone())];
+        headers.extend(rate_headers);
+        let mut o = Outcome::new(Kind::Whoami);
+        o.reply = Some(Reply { status: w.status, headers, body });
+        return with_id(o);
+    }
+
+    // 13. Allowed.
+    let mut o = Outcome::new(Kind::Allowed);
+    if let Some(h) = &cfg.key_id_header {
+        o.set_headers.push((h.clone(), record.id.to_string()));
+    }
+    if let Some(h) = &cfg.owner_header {
+        o.set_headers.push((h.clone(), record.owner.to_string()));
+    }
+    upstream_edits(cfg, &mut o, req, Some(location));
+    o.response_headers = rate_headers;
+    with_id(o)
+}

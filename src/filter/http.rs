@@ -1,0 +1,83 @@
+//! One HTTP request: read what the decision needs in as few host calls as possible, apply the
+//! outcome, and add rate-limit headers to the upstream's response (only there: Envoy also runs
+//! the response hook for our own local replies, which carry their headers already).
+
+use super::host::{now_ms, HostStore};
+use super::root::Shared;
+use crate::client_ip;
+use crate::decision::{self, Request};
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::Action;
+use std::rc::Rc;
+
+pub struct Http {
+    shared: Rc<Shared>,
+    response_headers: Vec<(String, String)>,
+}
+
+impl Http {
+    pub fn new(shared: Rc<Shared>) -> Http {
+        Http {
+            shared,
+            response_headers: Vec::new(),
+        }
+    }
+}
+
+impl Context for Http {}
+
+impl HttpContext for Http {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let s = &self.shared;
+        let headers = self.get_http_request_headers_bytes();
+        let source = hostcalls::get_property(vec!["source", "address"])
+            .ok()
+            .flatten()
+            .and_then(|v| String::from_utf8(v).ok())
+            .and_then(|v| client_ip::parse_source_address(&v));
+        let req = Request {
+            headers: &headers,
+            source,
+        };
+        let mut list = s.list.get();
+        let outcome = decision::decide(&s.config, &mut list, &HostStore, &req, now_ms() / 1000);
+        s.list.set(list);
+        s.metrics.decision(outcome.kind);
+        if let Some(id) = &outcome.key_id {
+            log::debug!("keygate: {:?} for key {id}", outcome.kind);
+        }
+
+        if let Some(reply) = outcome.reply {
+            let headers: Vec<(&str, &str)> = reply
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            if hostcalls::send_http_response(reply.status, headers, Some(reply.body.as_bytes()))
+                .is_err()
+            {
+                log::error!("keygate: could not send the local reply");
+            }
+            return Action::Pause;
+        }
+        for name in &outcome.remove_headers {
+            self.set_http_request_header(name, None);
+        }
+        for (name, value) in &outcome.set_headers {
+            self.set_http_request_header(name, Some(value));
+        }
+        if let Some(path) = &outcome.new_path {
+            self.set_http_request_header(":path", Some(path));
+        }
+        self.response_headers = outcome.response_headers;
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        for (name, value) in std::mem::take(&mut self.response_headers) {
+            self.add_http_response_header(&name, &value);
+        }
+        Action::Continue
+    }
+}

@@ -1,0 +1,316 @@
+//! The key-list document (SPEC §2): parsed and validated whole, then resolved into self-contained
+//! entries (owner validity and plan limits folded in) so a request needs exactly one record.
+
+use crate::config::{validate_limits, Limit};
+use crate::ipset::IpSet;
+use crate::time;
+use serde::Deserialize;
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+
+/// One key, resolved: everything a request needs to decide, and nothing of the key itself but
+/// its SHA-256.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KeyEntry {
+    pub hash: [u8; 32],
+    pub id: String,
+    pub owner: String,
+    /// `status` is `active` (or absent).
+    pub active: bool,
+    /// The owner is active in `owners` (or `owners` is absent).
+    pub owner_valid: bool,
+    /// Unix seconds; the key is expired when now ≥ this.
+    pub expires_at: Option<i64>,
+    pub allowed_ips: IpSet,
+    pub sites: Vec<String>,
+    pub scopes: Vec<String>,
+    /// The key's own limits, else its plan's; `None` falls back to the configured default.
+    pub limits: Option<Vec<Limit>>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct KeyList {
+    pub version: Option<String>,
+    pub keys: Vec<KeyEntry>,
+}
+
+#[derive(Deserialize)]
+struct RawDoc<'a> {
+    #[serde(borrow)]
+    version: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    owners: Option<HashMap<Cow<'a, str>, RawOwner<'a>>>,
+    #[serde(borrow, default)]
+    plans: HashMap<Cow<'a, str>, RawPlan>,
+    #[serde(borrow)]
+    keys: Vec<RawKey<'a>>,
+}
+
+#[derive(Deserialize)]
+struct RawOwner<'a> {
+    #[serde(borrow)]
+    status: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct RawPlan {
+    rate_limits: Option<Vec<Limit>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawExpiry<'a> {
+    Unix(i64),
+    #[serde(borrow)]
+    Text(Cow<'a, str>),
+}
+
+#[derive(Deserialize)]
+struct RawKey<'a> {
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    #[serde(borrow)]
+    hash: Cow<'a, str>,
+    #[serde(borrow)]
+    owner: Cow<'a, str>,
+    #[serde(borrow)]
+    status: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    expires_at: Option<RawExpiry<'a>>,
+    #[serde(borrow, default)]
+    allowed_ips: Vec<Cow<'a, str>>,
+    #[serde(default)]
+    sites: Vec<String>,
+    #[serde(default)]
+    scopes: Vec<String>,
+    #[serde(borrow)]
+    plan: Option<Cow<'a, str>>,
+    rate_limits: Option<Vec<Limit>>,
+}
+
+/// 1–256 visible ASCII characters: always a valid header value and log token.
+pub fn valid_name(s: &str) -> bool {
+    (1..=256).contains(&s.len()) && s.bytes().all(|b| (0x21..=0x7e).contains(&b))
+}
+
+pub fn parse_hash(s: &str) -> Option<[u8; 32]> {
+    let b = s.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in b.chunks_exact(2).enumerate() {
+        let hi = (pair[0] as char).to_digit(16)?;
+        let lo = (pair[1] as char).to_digit(16)?;
+        out[i] = (hi * 16 + lo) as u8;
+    }
+    Some(out)
+}
+
+/// Parses and validates a key-list document. Any error rejects the whole document; the message
+/// names the offending field by JSON path (and never contains a key, which the list cannot hold).
+pub fn parse(body: &[u8]) -> Result<KeyList, String> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    let doc: RawDoc = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            e.inner().to_string()
+        } else {
+            format!("{path}: {}", e.inner())
+        }
+    })?;
+
+    let mut plans: HashMap<&str, Option<&Vec<Limit>>> = HashMap::new();
+    for (name, plan) in &doc.plans {
+        if let Some(l) = &plan.rate_limits {
+            validate_limits(&format!("plans.{name}.rate_limits"), l)?;
+        }
+        plans.insert(name.as_ref(), plan.rate_limits.as_ref());
+    }
+    let owners: Option<HashSet<&str>> = doc.owners.as_ref().map(|o| {
+        o.iter()
+            .filter(|(_, v)| v.status.as_deref().is_none_or(|s| s == "active"))
+            .map(|(k, _)| k.as_ref())
+            .collect()
+    });
+
+    let mut ids: HashSet<&str> = HashSet::with_capacity(doc.keys.len());
+    let mut hashes: HashSet<[u8; 32]> = HashSet::with_capacity(doc.keys.len());
+    let mut keys = Vec::with_capacity(doc.keys.len());
+    for (i, k) in doc.keys.iter().enumerate() {
+        let field = |sub: &str| format!("keys[{i}].{sub}");
+        if !valid_name(&k.id) {
+            return Err(format!(
+                "{}: {:?} is not 1-256 visible ASCII characters",
+                field("id"),
+                k.id
+            ));
+        }
+        if !ids.insert(k.id.as_ref()) {
+            return Err(format!("{}: duplicate id {:?}", field("id"), k.id));
+        }
+        let hash = parse_hash(&k.hash).ok_or_else(|| {
+            format!("{}: not a 64-digit hex SHA-256 ({:?})", field("hash"), k.hash)
+        })?;
+        if !hashes.insert(hash) {
+            return Err(format!("{}: duplicate hash (key {:?})", field("hash"), k.id));
+        }
+        if !valid_name(&k.owner) {
+            return Err(format!(
+                "{}: {:?} is not 1-256 visible ASCII characters",
+                field("owner"),
+                k.owner
+            ));
+        }
+        let expires_at = match &k.expires_at {
+            None => None,
+            Some(RawExpiry::Unix(t)) => Some(*t),
+            Some(RawExpiry::Text(s)) => Some(time::parse_rfc3339(s).ok_or_else(|| {
+                format!("{}: {:?} is not RFC 3339 or Unix seconds", field("expires_at"), s)
+            })?),
+        };
+        let allowed_ips = IpSet::parse(&k.allowed_ips)
+            .map_err(|e| format!("{}{e}", field("allowed_ips")))?;
+        let limits = match (&k.rate_limits, &k.plan) {
+            (Some(l), _) => {
+                validate_limits(&field("rate_limits"), l)?;
+                Some(l.clone())
+            }
+            (None, Some(p)) => match plans.get(p.as_ref()) {
+                None => return Err(format!("{}: unknown plan {:?}", field("plan"), p)),
+                Some(l) => l.cloned(),
+            },
+            (None, None) => None,
+        };
+        if let Some(p) = &k.plan {
+            if !plans.contains_key(p.as_ref()) {
+                return Err(format!("{}: unknown plan {:?}", field("plan"), p));
+            }
+        }
+        keys.push(KeyEntry {
+            hash,
+            id: k.id.to_string(),
+            owner: k.owner.to_string(),
+            active: k.status.as_deref().is_none_or(|s| s == "active"),
+            owner_valid: owners.as_ref().is_none_or(|o| o.contains(k.owner.as_ref())),
+            expires_at,
+            allowed_ips,
+            sites: k.sites.clone(),
+            scopes: k.scopes.clone(),
+            limits,
+        });
+    }
+    Ok(KeyList {
+        version: doc.version.map(|v| v.into_owned()),
+        keys,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H1: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+    const H2: &str = "60303AE22B998861BCE3B28F33EEC1BE758A213C86C93C076DBE9F558C11C752";
+
+    fn doc(keys: &str) -> String {
+        format!(r#"{{"version":"v1","plans":{{"free":{{"rate_limits":[{{"limit":10,"window_s":60}}]}},"open":{{"rate_limits":[]}},"bare":{{}}}},"keys":[{keys}]}}"#)
+    }
+
+    #[test]
+    fn spec_example_parses() {
+        let json = r#"{
+          "version": "2026-11-22T05:00:00Z#42",
+          "owners": {"org-7": {"status": "active"}, "org-8": {"status": "disabled"}},
+          "plans": {"free": {"rate_limits": [{"limit": 10, "window_s": 60}]},
+                    "pro":  {"rate_limits": [{"limit": 20, "window_s": 1}, {"limit": 50000, "window_s": 86400}]}},
+          "keys": [{
+              "id": "key_01",
+              "hash": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+              "owner": "org-7", "status": "active", "expires_at": "2026-12-31T00:00:00Z",
+              "allowed_ips": ["203.0.113.0/24", "2001:db8::1"], "sites": ["123"],
+              "scopes": ["contacts:*"], "plan": "free",
+              "rate_limits": [{"limit": 60, "window_s": 60}]
+          }]
+        }"#;
+        let l = parse(json.as_bytes()).unwrap();
+        assert_eq!(l.version.as_deref(), Some("2026-11-22T05:00:00Z#42"));
+        let k = &l.keys[0];
+        assert_eq!(k.id, "key_01");
+        assert!(k.active && k.owner_valid);
+        assert_eq!(k.expires_at, Some(1_798_675_200));
+        assert_eq!(k.limits, Some(vec![Limit { limit: 60, window_s: 60 }]));
+        assert!(k.allowed_ips.contains("203.0.113.9".parse().unwrap()));
+        assert_eq!(k.hash[0], 0x9f);
+    }
+
+    #[test]
+    fn limits_resolve_key_then_plan_then_default() {
+        let l = parse(
+            doc(&format!(
+                r#"{{"id":"a","hash":"{H1}","owner":"o","plan":"free"}},
+                   {{"id":"b","hash":"{H2}","owner":"o","plan":"open"}}"#
+            ))
+            .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(l.keys[0].limits, Some(vec![Limit { limit: 10, window_s: 60 }]));
+        assert_eq!(l.keys[1].limits, Some(vec![]));
+        let l = parse(doc(&format!(r#"{{"id":"a","hash":"{H1}","owner":"o","plan":"bare"}}"#)).as_bytes()).unwrap();
+        assert_eq!(l.keys[0].limits, None);
+        let l = parse(doc(&format!(r#"{{"id":"a","hash":"{H1}","owner":"o","rate_limits":[]}}"#)).as_bytes()).unwrap();
+        assert_eq!(l.keys[0].limits, Some(vec![]));
+    }
+
+    #[test]
+    fn status_and_owners() {
+        let json = format!(
+            r#"{{"owners":{{"good":{{}},"bad":{{"status":"disabled"}}}},"keys":[
+              {{"id":"a","hash":"{H1}","owner":"bad","status":"weird","expires_at":1700000000}},
+              {{"id":"b","hash":"{H2}","owner":"ghost"}}]}}"#
+        );
+        let l = parse(json.as_bytes()).unwrap();
+        assert!(!l.keys[0].active && !l.keys[0].owner_valid);
+        assert_eq!(l.keys[0].expires_at, Some(1_700_000_000));
+        assert!(l.keys[1].active && !l.keys[1].owner_valid);
+        let l = parse(doc(&format!(r#"{{"id":"a","hash":"{H1}","owner":"x"}}"#)).as_bytes()).unwrap();
+        assert!(l.keys[0].owner_valid);
+    }
+
+    #[test]
+    fn every_bad_document_is_rejected_naming_the_field() {
+        let cases: Vec<(String, &[&str])> = vec![
+            ("{".into(), &["EOF"]),
+            ("[]".into(), &["expected"]),
+            (r#"{"version":"x"}"#.into(), &["keys"]),
+            (doc(r#"{"id":"a","owner":"o"}"#), &["keys[0]", "hash"]),
+            (doc(&format!(r#"{{"id":"a","hash":"{H1}"}}"#)), &["keys[0]", "owner"]),
+            (doc(&format!(r#"{{"id":"a","hash":"{H1}","owner":"o"}},{{"id":"a","hash":"{H2}","owner":"o"}}"#)), &["keys[1].id", "duplicate"]),
+            (doc(&format!(r#"{{"id":"a","hash":"{H1}","owner":"o"}},{{"id":"b","hash":"{}","owner":"o"}}"#, H1.to_uppercase())), &["keys[1].hash", "duplicate"]),
+            (doc(r#"{"id":"a","hash":"abc","owner":"o"}"#), &["keys[0].hash"]),
+            (doc(&format!(r#"{{"id":"a","hash":"{}","owner":"o"}}"#, "z".repeat(64))), &["keys[0].hash"]),
+            (doc(&format!(r#"{{"id":"a b","hash":"{H1}","owner":"o"}}"#)), &["keys[0].id"]),
+            (doc(&format!(r#"{{"id":"","hash":"{H1}","owner":"o"}}"#)), &["keys[0].id"]),
+            (doc(&format!(r#"{{"id":"{}","hash":"{H1}","owner":"o"}}"#, "i".repeat(257))), &["keys[0].id"]),
+            (doc(&format!(r#"{{"id":"a","hash":"{H1}","owner":"o\u00e9"}}"#)), &["keys[0].owner"]),
+            (doc(&format!(r#"{{"id":"a","hash":"{H1}","owner":"o","allowed_ips":["1.2.3.4/33"]}}"#)), &["keys[0].allowed_ips[0]", "1.2.3.4/33"]),
+            (doc(&format!(r#"{{"id":"a","hash":"{H1}","owner":"o","plan":"gold"}}"#)), &["keys[0].plan", "gold"]),
+            (doc(&format!(r#"{{"id":"a","hash":"{H1}","owner":"o","plan":"gold","rate_limits":[]}}"#)), &["keys[0].plan", "gold"]),
+            (doc(&format!(r#"{{"id":"a","hash":"{H1}","owner":"o","expires_at":"tomorrow"}}"#)), &["keys[0].expires_at"]),
+            (doc(&format!(r#"{{"id":"a","hash":"{H1}","owner":"o","rate_limits":[{{"limit":1,"window_s":0}}]}}"#)), &["keys[0].rate_limits[0].window_s"]),
+            (r#"{"plans":{"p":{"rate_limits":[{"limit":1}]}},"keys":[]}"#.into(), &["plans", "window_s"]),
+        ];
+        for (json, needles) in cases {
+            let e = parse(json.as_bytes()).unwrap_err();
+            for n in needles {
+                assert!(e.contains(n), "error {e:?} for {json} lacks {n:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn escaped_strings_parse_too() {
+        let l = parse(doc(&format!(r#"{{"id":"a\u0041","hash":"{H1}","owner":"o"}}"#)).as_bytes()).unwrap();
+        assert_eq!(l.keys[0].id, "aA");
+    }
+}
