@@ -4,6 +4,7 @@
 use crate::ipset::IpSet;
 use crate::path;
 use crate::response::{Class, ErrorResponse};
+use crate::routes::RouteTable;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -135,7 +136,7 @@ pub struct Config {
     pub ip_allow: IpSet,
     pub ip_deny: IpSet,
     pub site: Option<SiteSource>,
-    pub routes: Vec<Route>,
+    pub routes: RouteTable,
     pub default_limits: Vec<Limit>,
     pub header_style: HeaderStyle,
     pub invalid_key_limit: Option<Limit>,
@@ -319,9 +320,9 @@ fn default_whoami_body() -> String {
 /// A header name we may read or write: an HTTP token, stored lowercase.
 fn header_name(field: &str, name: &str) -> Result<String, String> {
     let ok = !name.is_empty()
-        && name.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-        });
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
     if !ok {
         return Err(format!("{field}: invalid header name {name:?}"));
     }
@@ -330,7 +331,10 @@ fn header_name(field: &str, name: &str) -> Result<String, String> {
 
 /// A header value we write: visible ASCII and spaces/tabs only, so the host never rejects it.
 fn header_value(field: &str, value: &str) -> Result<String, String> {
-    if value.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b)) {
+    if value
+        .bytes()
+        .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
+    {
         Ok(value.to_string())
     } else {
         Err(format!("{field}: invalid header value {value:?}"))
@@ -349,9 +353,7 @@ fn path_match(
         Ok(path::normalize(p))
     };
     match (prefix, exact) {
-        (Some(_), Some(_)) => Err(format!(
-            "{field}: path_prefix and path_exact are exclusive"
-        )),
+        (Some(_), Some(_)) => Err(format!("{field}: path_prefix and path_exact are exclusive")),
         (Some(p), None) => Ok(Some(PathMatch::Prefix(check("path_prefix", &p)?))),
         (None, Some(p)) => Ok(Some(PathMatch::Exact(check("path_exact", &p)?))),
         (None, None) => Ok(None),
@@ -359,7 +361,11 @@ fn path_match(
 }
 
 fn method(field: &str, m: &str) -> Result<String, String> {
-    if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic() || b == b'-' || b == b'_') {
+    if m.is_empty()
+        || !m
+            .bytes()
+            .all(|b| b.is_ascii_alphabetic() || b == b'-' || b == b'_')
+    {
         return Err(format!("{field}: invalid method {m:?}"));
     }
     Ok(m.to_ascii_uppercase())
@@ -562,19 +568,20 @@ fn compile(raw: RawConfig) -> Result<Config, String> {
     };
 
     if let Some(l) = &raw.invalid_key_limit {
-        l.validate()
-            .map_err(|e| format!("invalid_key_limit.{e}"))?;
+        l.validate().map_err(|e| format!("invalid_key_limit.{e}"))?;
     }
 
     let (strip_credential, key_id_header, owner_header) = match raw.upstream {
-        None => (true, Some("x-api-key-id".to_string()), Some("x-api-key-owner".to_string())),
+        None => (
+            true,
+            Some("x-api-key-id".to_string()),
+            Some("x-api-key-owner".to_string()),
+        ),
         Some(u) => {
-            let resolve = |field: &str, v: Option<Option<String>>, default: &str| {
-                match v {
-                    None => Ok(Some(default.to_string())),
-                    Some(None) => Ok(None),
-                    Some(Some(name)) => header_name(field, &name).map(Some),
-                }
+            let resolve = |field: &str, v: Option<Option<String>>, default: &str| match v {
+                None => Ok(Some(default.to_string())),
+                Some(None) => Ok(None),
+                Some(Some(name)) => header_name(field, &name).map(Some),
             };
             (
                 u.strip_credential,
@@ -594,8 +601,10 @@ fn compile(raw: RawConfig) -> Result<Config, String> {
         }
     }
 
-    let mut responses: Vec<ErrorResponse> =
-        Class::ALL.iter().map(|c| ErrorResponse::default_for(*c)).collect();
+    let mut responses: Vec<ErrorResponse> = Class::ALL
+        .iter()
+        .map(|c| ErrorResponse::default_for(*c))
+        .collect();
     for (name, e) in raw.errors {
         let field = format!("errors.{name}");
         let class = Class::from_name(&name).ok_or_else(|| {
@@ -617,7 +626,8 @@ fn compile(raw: RawConfig) -> Result<Config, String> {
         }
         for (k, v) in e.headers {
             let hf = format!("{field}.headers.{k}");
-            r.headers.push((header_name(&hf, &k)?, header_value(&hf, &v)?));
+            r.headers
+                .push((header_name(&hf, &k)?, header_value(&hf, &v)?));
         }
     }
 
@@ -628,7 +638,10 @@ fn compile(raw: RawConfig) -> Result<Config, String> {
                 return Err(format!("whoami.path: {:?} must start with '/'", w.path));
             }
             if !(200..=599).contains(&w.status) {
-                return Err(format!("whoami.status: {} is out of range 200..=599", w.status));
+                return Err(format!(
+                    "whoami.status: {} is out of range 200..=599",
+                    w.status
+                ));
             }
             let content_type = match w.content_type {
                 Some(ct) => header_value("whoami.content_type", &ct)?,
@@ -652,7 +665,7 @@ fn compile(raw: RawConfig) -> Result<Config, String> {
         ip_allow,
         ip_deny,
         site,
-        routes,
+        routes: RouteTable::new(routes),
         default_limits,
         header_style,
         invalid_key_limit: raw.invalid_key_limit,
@@ -731,12 +744,24 @@ mod tests {
         }"#;
         let c = parse(json.as_bytes()).unwrap();
         assert_eq!(c.credentials.len(), 3);
-        assert_eq!(c.key_list.headers, vec![("authorization".into(), "Bearer service-token".into())]);
+        assert_eq!(
+            c.key_list.headers,
+            vec![("authorization".into(), "Bearer service-token".into())]
+        );
         assert_eq!(c.exempt.len(), 3);
-        assert_eq!(c.routes[0].methods, vec!["POST".to_string()]);
+        assert_eq!(c.routes.len(), 2);
         assert_eq!(c.site, Some(SiteSource::PathSegment(2)));
-        assert_eq!(c.default_limits, vec![Limit { limit: 60, window_s: 60 }]);
-        assert_eq!(c.response(Class::MissingKey).body.contains("unauthorized"), true);
+        assert_eq!(
+            c.default_limits,
+            vec![Limit {
+                limit: 60,
+                window_s: 60
+            }]
+        );
+        assert_eq!(
+            c.response(Class::MissingKey).body.contains("unauthorized"),
+            true
+        );
     }
 
     #[test]
@@ -753,29 +778,95 @@ mod tests {
     #[test]
     fn errors_name_the_field_and_value() {
         let cases: &[(&str, &[&str])] = &[
-            (r#"{"key_list":{"cluster":"k","path":"/"},"bogus":1}"#, &["bogus"]),
-            (r#"{"key_list":{"cluster":"k","path":"/","refresh":3}}"#, &["key_list", "refresh"]),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"bogus":1}"#,
+                &["bogus"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/","refresh":3}}"#,
+                &["key_list", "refresh"],
+            ),
             (r#"{"key_list":{"path":"/"}}"#, &["cluster"]),
-            (r#"{"key_list":{"cluster":"k","path":"/","refresh_s":"x"}}"#, &["key_list.refresh_s", "x"]),
-            (r#"{"key_list":{"cluster":"k","path":"/","refresh_s":0}}"#, &["key_list.refresh_s", "0"]),
-            (r#"{"key_list":{"cluster":"k","path":"v1"}}"#, &["key_list.path", "v1"]),
-            (r#"{"key_list":{"cluster":"k","path":"/"},"ip_allow":["10.0.0.0/8","10.0.0.300/8"]}"#, &["ip_allow[1]", "10.0.0.300/8"]),
-            (r#"{"key_list":{"cluster":"k","path":"/"},"ip_deny":["x"]}"#, &["ip_deny[0]", "\"x\""]),
-            (r#"{"key_list":{"cluster":"k","path":"/"},"credentials":[{"query":"k","scheme":"B"}]}"#, &["credentials[0].scheme"]),
-            (r#"{"key_list":{"cluster":"k","path":"/"},"credentials":[{}]}"#, &["credentials[0]"]),
-            (r#"{"key_list":{"cluster":"k","path":"/"},"credentials":[{"header":"bad header"}]}"#, &["credentials[0].header", "bad header"]),
-            (r#"{"key_list":{"cluster":"k","path":"/"},"exempt":[{}]}"#, &["exempt[0]"]),
-            (r#"{"key_list":{"cluster":"k","path":"/"},"exempt":[{"path_prefix":"swagger"}]}"#, &["exempt[0].path_prefix", "swagger"]),
-            (r#"{"key_list":{"cluster":"k","path":"/"},"site":{"path_segment":0}}"#, &["site.path_segment"]),
-            (r#"{"key_list":{"cluster":"k","path":"/"},"site":{}}"#, &["site"]),
-            (r#"{"key_list":{"cluster":"k","path":"/"},"routes":[{"scope":"a"}]}"#, &["routes[0]"]),
-            (r#"{"key_list":{"cluster":"k","path":"/"},"rate_limit":{"default":[{"limit":1,"window_s":0}]}}"#, &["rate_limit.default[0].window_s", "0"]),
-            (r#"{"key_list":{"cluster":"k","path":"/"},"rate_limit":{"headers":"draft"}}"#, &["rate_limit.headers", "draft"]),
-            (r#"{"key_list":{"cluster":"k","path":"/"},"invalid_key_limit":{"limit":1}}"#, &["invalid_key_limit", "window_s"]),
-            (r#"{"key_list":{"cluster":"k","path":"/"},"errors":{"teapot":{}}}"#, &["errors.teapot"]),
-            (r#"{"key_list":{"cluster":"k","path":"/"},"errors":{"forbidden":{"status":99}}}"#, &["errors.forbidden.status", "99"]),
-            (r#"{"key_list":{"cluster":"k","path":"/"},"errors":{"forbidden":{"headers":{"x":"a\nb"}}}}"#, &["errors.forbidden.headers.x"]),
-            (r#"{"key_list":{"cluster":"k","path":"/"},"upstream":{"key_id_header":":path"}}"#, &["upstream.key_id_header"]),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/","refresh_s":"x"}}"#,
+                &["key_list.refresh_s", "x"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/","refresh_s":0}}"#,
+                &["key_list.refresh_s", "0"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"v1"}}"#,
+                &["key_list.path", "v1"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"ip_allow":["10.0.0.0/8","10.0.0.300/8"]}"#,
+                &["ip_allow[1]", "10.0.0.300/8"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"ip_deny":["x"]}"#,
+                &["ip_deny[0]", "\"x\""],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"credentials":[{"query":"k","scheme":"B"}]}"#,
+                &["credentials[0].scheme"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"credentials":[{}]}"#,
+                &["credentials[0]"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"credentials":[{"header":"bad header"}]}"#,
+                &["credentials[0].header", "bad header"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"exempt":[{}]}"#,
+                &["exempt[0]"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"exempt":[{"path_prefix":"swagger"}]}"#,
+                &["exempt[0].path_prefix", "swagger"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"site":{"path_segment":0}}"#,
+                &["site.path_segment"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"site":{}}"#,
+                &["site"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"routes":[{"scope":"a"}]}"#,
+                &["routes[0]"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"rate_limit":{"default":[{"limit":1,"window_s":0}]}}"#,
+                &["rate_limit.default[0].window_s", "0"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"rate_limit":{"headers":"draft"}}"#,
+                &["rate_limit.headers", "draft"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"invalid_key_limit":{"limit":1}}"#,
+                &["invalid_key_limit", "window_s"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"errors":{"teapot":{}}}"#,
+                &["errors.teapot"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"errors":{"forbidden":{"status":99}}}"#,
+                &["errors.forbidden.status", "99"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"errors":{"forbidden":{"headers":{"x":"a\nb"}}}}"#,
+                &["errors.forbidden.headers.x"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"upstream":{"key_id_header":":path"}}"#,
+                &["upstream.key_id_header"],
+            ),
             ("not json", &["expected"]),
         ];
         for (json, needles) in cases {
@@ -795,7 +886,8 @@ mod tests {
         .unwrap();
         assert_eq!(c.exempt[0].method.as_deref(), Some("GET"));
         assert_eq!(c.exempt[0].path, Some(PathMatch::Prefix("/a/b/".into())));
-        assert_eq!(c.routes[0].path, PathMatch::Exact("/x/y".into()));
-        assert_eq!(c.routes[0].methods, vec!["POST".to_string()]);
+        let r = c.routes.find("POST", "/x/y").unwrap();
+        assert_eq!(r.path, PathMatch::Exact("/x/y".into()));
+        assert_eq!(r.methods, vec!["POST".to_string()]);
     }
 }

@@ -17,8 +17,14 @@ pub struct Credential {
 }
 
 fn trim(v: &[u8]) -> &[u8] {
-    let start = v.iter().position(|b| *b != b' ' && *b != b'\t').unwrap_or(v.len());
-    let end = v.iter().rposition(|b| *b != b' ' && *b != b'\t').map_or(start, |i| i + 1);
+    let start = v
+        .iter()
+        .position(|b| *b != b' ' && *b != b'\t')
+        .unwrap_or(v.len());
+    let end = v
+        .iter()
+        .rposition(|b| *b != b' ' && *b != b'\t')
+        .map_or(start, |i| i + 1);
     &v[start..end.max(start)]
 }
 
@@ -72,21 +78,40 @@ mod tests {
 
     fn sources() -> Vec<CredentialSource> {
         vec![
-            CredentialSource::Header { name: "x-api-key".into(), scheme: None },
-            CredentialSource::Header { name: "authorization".into(), scheme: Some("Bearer".into()) },
-            CredentialSource::Query { name: "api_key".into() },
+            CredentialSource::Header {
+                name: "x-api-key".into(),
+                scheme: None,
+            },
+            CredentialSource::Header {
+                name: "authorization".into(),
+                scheme: Some("Bearer".into()),
+            },
+            CredentialSource::Query {
+                name: "api_key".into(),
+            },
         ]
     }
 
     fn run(headers: &[(&str, &[u8])], query: Option<&str>) -> Option<Credential> {
         let s = sources();
-        find(&s, |n| headers.iter().find(|(k, _)| *k == n).map(|(_, v)| *v), query)
+        find(
+            &s,
+            |n| headers.iter().find(|(k, _)| *k == n).map(|(_, v)| *v),
+            query,
+        )
     }
 
     #[test]
     fn order_and_scheme() {
-        let c = run(&[("authorization", b"Bearer abc"), ("x-api-key", b"xyz")], None).unwrap();
-        assert_eq!((c.key.as_slice(), c.location), (&b"xyz"[..], Location::Header("x-api-key".into())));
+        let c = run(
+            &[("authorization", b"Bearer abc"), ("x-api-key", b"xyz")],
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.key.as_slice(), c.location),
+            (&b"xyz"[..], Location::Header("x-api-key".into()))
+        );
         let c = run(&[("authorization", b"bEaReR   abc ")], None).unwrap();
         assert_eq!(c.key, b"abc");
         assert_eq!(c.location, Location::Header("authorization".into()));
@@ -98,7 +123,11 @@ mod tests {
 
     #[test]
     fn empty_sources_count_as_absent() {
-        let c = run(&[("x-api-key", b"  "), ("authorization", b"Bearer k2")], None).unwrap();
+        let c = run(
+            &[("x-api-key", b"  "), ("authorization", b"Bearer k2")],
+            None,
+        )
+        .unwrap();
         assert_eq!(c.key, b"k2");
         let c = run(&[("x-api-key", b"")], Some("a=1&api_key=k%2B3")).unwrap();
         assert_eq!(c.key, b"k+3");

@@ -175,7 +175,11 @@ pub fn scope_covers(held: &str, needed: &str) -> bool {
 fn rate_context(counted: &Counted, now: u64) -> RateContext {
     let t = counted.tightest();
     RateContext {
-        retry_after: if counted.allowed() { 0 } else { counted.retry_after(now) },
+        retry_after: if counted.allowed() {
+            0
+        } else {
+            counted.retry_after(now)
+        },
         limit: t.map_or(0, |s| s.limit),
         remaining: t.map_or(0, |s| s.remaining()),
         reset: t.map_or(0, |s| s.reset),
@@ -206,7 +210,10 @@ fn lookup(
 ) -> Option<()> {
     for _ in 0..2 {
         *buf = store
-            .get(&shared::bucket_key(list.bits, record::bucket_index(hash, list.bits)))
+            .get(&shared::bucket_key(
+                list.bits,
+                record::bucket_index(hash, list.bits),
+            ))
             .0
             .unwrap_or_default();
         match record::find(buf, hash) {
@@ -224,7 +231,10 @@ fn lookup(
 
 /// Strips the credential and client-sent identity headers for a request going upstream.
 fn upstream_edits(cfg: &Config, o: &mut Outcome, req: &Request, found: Option<&Location>) {
-    for h in [&cfg.key_id_header, &cfg.owner_header].into_iter().flatten() {
+    for h in [&cfg.key_id_header, &cfg.owner_header]
+        .into_iter()
+        .flatten()
+    {
         if req.header(h).is_some() && !o.set_headers.iter().any(|(k, _)| k == h) {
             o.remove_headers.push(h.clone());
         }
@@ -320,7 +330,10 @@ pub fn decide(
     let key = &credential.key;
     let well_formed = key.len() <= MAX_KEY_BYTES
         && (cfg.key_prefixes.is_empty()
-            || cfg.key_prefixes.iter().any(|p| key.starts_with(p.as_bytes())));
+            || cfg
+                .key_prefixes
+                .iter()
+                .any(|p| key.starts_with(p.as_bytes())));
     let mut buf = Vec::new();
     let record = if well_formed {
         let hash: [u8; 32] = Sha256::digest(key).into();
@@ -340,7 +353,17 @@ pub fn decide(
         }
         return refused(cfg, Class::InvalidKey);
     };
-    decide_key(cfg, store, req, &record, ip, &norm_path, method, &credential.location, now)
+    decide_key(
+        cfg,
+        store,
+        req,
+        &record,
+        ip,
+        &norm_path,
+        method,
+        &credential.location,
+        now,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -386,9 +409,7 @@ fn decide_key(
     }
 
     // 11. Route scopes: the first matching rule decides.
-    let rule = cfg.routes.iter().find(|r| {
-        (r.methods.is_empty() || r.methods.iter().any(|m| m == method)) && r.path.matches(norm_path)
-    });
+    let rule = cfg.routes.find(method, norm_path);
     if let Some(needed) = rule.and_then(|r| r.scope.as_deref()) {
         if !record.scopes().any(|held| scope_covers(held, needed)) {
             return with_id(refused(cfg, Class::Forbidden));
@@ -396,13 +417,18 @@ fn decide_key(
     }
 
     // 12. Rate limits.
-    let limits = record.limits().unwrap_or_else(|| cfg.default_limits.clone());
+    let limits = record
+        .limits()
+        .unwrap_or_else(|| cfg.default_limits.clone());
     let mut rate_headers = Vec::new();
     if !limits.is_empty() {
         let Some(counted) = shared::count_key(store, record.id, &limits, now) else {
             // The shared counter could not be updated: refuse rather than over-admit.
             let mut o = Outcome::new(Kind::Refused(Class::RateLimited));
-            let ctx = RateContext { retry_after: 1, ..Default::default() };
+            let ctx = RateContext {
+                retry_after: 1,
+                ..Default::default()
+            };
             o.reply = Some(refusal(
                 cfg,
                 Class::RateLimited,
@@ -434,7 +460,11 @@ fn decide_key(
         let mut headers = vec![("content-type".to_string(), w.content_type.clone())];
         headers.extend(rate_headers);
         let mut o = Outcome::new(Kind::Whoami);
-        o.reply = Some(Reply { status: w.status, headers, body });
+        o.reply = Some(Reply {
+            status: w.status,
+            headers,
+            body,
+        });
         return with_id(o);
     }
 

@@ -150,10 +150,18 @@ pub fn parse(body: &[u8]) -> Result<KeyList, String> {
             return Err(format!("{}: duplicate id {:?}", field("id"), k.id));
         }
         let hash = parse_hash(&k.hash).ok_or_else(|| {
-            format!("{}: not a 64-digit hex SHA-256 ({:?})", field("hash"), k.hash)
+            format!(
+                "{}: not a 64-digit hex SHA-256 ({:?})",
+                field("hash"),
+                k.hash
+            )
         })?;
         if !hashes.insert(hash) {
-            return Err(format!("{}: duplicate hash (key {:?})", field("hash"), k.id));
+            return Err(format!(
+                "{}: duplicate hash (key {:?})",
+                field("hash"),
+                k.id
+            ));
         }
         if !valid_name(&k.owner) {
             return Err(format!(
@@ -166,11 +174,15 @@ pub fn parse(body: &[u8]) -> Result<KeyList, String> {
             None => None,
             Some(RawExpiry::Unix(t)) => Some(*t),
             Some(RawExpiry::Text(s)) => Some(time::parse_rfc3339(s).ok_or_else(|| {
-                format!("{}: {:?} is not RFC 3339 or Unix seconds", field("expires_at"), s)
+                format!(
+                    "{}: {:?} is not RFC 3339 or Unix seconds",
+                    field("expires_at"),
+                    s
+                )
             })?),
         };
-        let allowed_ips = IpSet::parse(&k.allowed_ips)
-            .map_err(|e| format!("{}{e}", field("allowed_ips")))?;
+        let allowed_ips =
+            IpSet::parse(&k.allowed_ips).map_err(|e| format!("{}{e}", field("allowed_ips")))?;
         let limits = match (&k.rate_limits, &k.plan) {
             (Some(l), _) => {
                 validate_limits(&field("rate_limits"), l)?;
@@ -214,7 +226,9 @@ mod tests {
     const H2: &str = "60303AE22B998861BCE3B28F33EEC1BE758A213C86C93C076DBE9F558C11C752";
 
     fn doc(keys: &str) -> String {
-        format!(r#"{{"version":"v1","plans":{{"free":{{"rate_limits":[{{"limit":10,"window_s":60}}]}},"open":{{"rate_limits":[]}},"bare":{{}}}},"keys":[{keys}]}}"#)
+        format!(
+            r#"{{"version":"v1","plans":{{"free":{{"rate_limits":[{{"limit":10,"window_s":60}}]}},"open":{{"rate_limits":[]}},"bare":{{}}}},"keys":[{keys}]}}"#
+        )
     }
 
     #[test]
@@ -239,7 +253,13 @@ mod tests {
         assert_eq!(k.id, "key_01");
         assert!(k.active && k.owner_valid);
         assert_eq!(k.expires_at, Some(1_798_675_200));
-        assert_eq!(k.limits, Some(vec![Limit { limit: 60, window_s: 60 }]));
+        assert_eq!(
+            k.limits,
+            Some(vec![Limit {
+                limit: 60,
+                window_s: 60
+            }])
+        );
         assert!(k.allowed_ips.contains("203.0.113.9".parse().unwrap()));
         assert_eq!(k.hash[0], 0x9f);
     }
@@ -254,11 +274,29 @@ mod tests {
             .as_bytes(),
         )
         .unwrap();
-        assert_eq!(l.keys[0].limits, Some(vec![Limit { limit: 10, window_s: 60 }]));
+        assert_eq!(
+            l.keys[0].limits,
+            Some(vec![Limit {
+                limit: 10,
+                window_s: 60
+            }])
+        );
         assert_eq!(l.keys[1].limits, Some(vec![]));
-        let l = parse(doc(&format!(r#"{{"id":"a","hash":"{H1}","owner":"o","plan":"bare"}}"#)).as_bytes()).unwrap();
+        let l = parse(
+            doc(&format!(
+                r#"{{"id":"a","hash":"{H1}","owner":"o","plan":"bare"}}"#
+            ))
+            .as_bytes(),
+        )
+        .unwrap();
         assert_eq!(l.keys[0].limits, None);
-        let l = parse(doc(&format!(r#"{{"id":"a","hash":"{H1}","owner":"o","rate_limits":[]}}"#)).as_bytes()).unwrap();
+        let l = parse(
+            doc(&format!(
+                r#"{{"id":"a","hash":"{H1}","owner":"o","rate_limits":[]}}"#
+            ))
+            .as_bytes(),
+        )
+        .unwrap();
         assert_eq!(l.keys[0].limits, Some(vec![]));
     }
 
@@ -273,7 +311,8 @@ mod tests {
         assert!(!l.keys[0].active && !l.keys[0].owner_valid);
         assert_eq!(l.keys[0].expires_at, Some(1_700_000_000));
         assert!(l.keys[1].active && !l.keys[1].owner_valid);
-        let l = parse(doc(&format!(r#"{{"id":"a","hash":"{H1}","owner":"x"}}"#)).as_bytes()).unwrap();
+        let l =
+            parse(doc(&format!(r#"{{"id":"a","hash":"{H1}","owner":"x"}}"#)).as_bytes()).unwrap();
         assert!(l.keys[0].owner_valid);
     }
 
@@ -284,21 +323,87 @@ mod tests {
             ("[]".into(), &["expected"]),
             (r#"{"version":"x"}"#.into(), &["keys"]),
             (doc(r#"{"id":"a","owner":"o"}"#), &["keys[0]", "hash"]),
-            (doc(&format!(r#"{{"id":"a","hash":"{H1}"}}"#)), &["keys[0]", "owner"]),
-            (doc(&format!(r#"{{"id":"a","hash":"{H1}","owner":"o"}},{{"id":"a","hash":"{H2}","owner":"o"}}"#)), &["keys[1].id", "duplicate"]),
-            (doc(&format!(r#"{{"id":"a","hash":"{H1}","owner":"o"}},{{"id":"b","hash":"{}","owner":"o"}}"#, H1.to_uppercase())), &["keys[1].hash", "duplicate"]),
-            (doc(r#"{"id":"a","hash":"abc","owner":"o"}"#), &["keys[0].hash"]),
-            (doc(&format!(r#"{{"id":"a","hash":"{}","owner":"o"}}"#, "z".repeat(64))), &["keys[0].hash"]),
-            (doc(&format!(r#"{{"id":"a b","hash":"{H1}","owner":"o"}}"#)), &["keys[0].id"]),
-            (doc(&format!(r#"{{"id":"","hash":"{H1}","owner":"o"}}"#)), &["keys[0].id"]),
-            (doc(&format!(r#"{{"id":"{}","hash":"{H1}","owner":"o"}}"#, "i".repeat(257))), &["keys[0].id"]),
-            (doc(&format!(r#"{{"id":"a","hash":"{H1}","owner":"o\u00e9"}}"#)), &["keys[0].owner"]),
-            (doc(&format!(r#"{{"id":"a","hash":"{H1}","owner":"o","allowed_ips":["1.2.3.4/33"]}}"#)), &["keys[0].allowed_ips[0]", "1.2.3.4/33"]),
-            (doc(&format!(r#"{{"id":"a","hash":"{H1}","owner":"o","plan":"gold"}}"#)), &["keys[0].plan", "gold"]),
-            (doc(&format!(r#"{{"id":"a","hash":"{H1}","owner":"o","plan":"gold","rate_limits":[]}}"#)), &["keys[0].plan", "gold"]),
-            (doc(&format!(r#"{{"id":"a","hash":"{H1}","owner":"o","expires_at":"tomorrow"}}"#)), &["keys[0].expires_at"]),
-            (doc(&format!(r#"{{"id":"a","hash":"{H1}","owner":"o","rate_limits":[{{"limit":1,"window_s":0}}]}}"#)), &["keys[0].rate_limits[0].window_s"]),
-            (r#"{"plans":{"p":{"rate_limits":[{"limit":1}]}},"keys":[]}"#.into(), &["plans", "window_s"]),
+            (
+                doc(&format!(r#"{{"id":"a","hash":"{H1}"}}"#)),
+                &["keys[0]", "owner"],
+            ),
+            (
+                doc(&format!(
+                    r#"{{"id":"a","hash":"{H1}","owner":"o"}},{{"id":"a","hash":"{H2}","owner":"o"}}"#
+                )),
+                &["keys[1].id", "duplicate"],
+            ),
+            (
+                doc(&format!(
+                    r#"{{"id":"a","hash":"{H1}","owner":"o"}},{{"id":"b","hash":"{}","owner":"o"}}"#,
+                    H1.to_uppercase()
+                )),
+                &["keys[1].hash", "duplicate"],
+            ),
+            (
+                doc(r#"{"id":"a","hash":"abc","owner":"o"}"#),
+                &["keys[0].hash"],
+            ),
+            (
+                doc(&format!(
+                    r#"{{"id":"a","hash":"{}","owner":"o"}}"#,
+                    "z".repeat(64)
+                )),
+                &["keys[0].hash"],
+            ),
+            (
+                doc(&format!(r#"{{"id":"a b","hash":"{H1}","owner":"o"}}"#)),
+                &["keys[0].id"],
+            ),
+            (
+                doc(&format!(r#"{{"id":"","hash":"{H1}","owner":"o"}}"#)),
+                &["keys[0].id"],
+            ),
+            (
+                doc(&format!(
+                    r#"{{"id":"{}","hash":"{H1}","owner":"o"}}"#,
+                    "i".repeat(257)
+                )),
+                &["keys[0].id"],
+            ),
+            (
+                doc(&format!(r#"{{"id":"a","hash":"{H1}","owner":"o\u00e9"}}"#)),
+                &["keys[0].owner"],
+            ),
+            (
+                doc(&format!(
+                    r#"{{"id":"a","hash":"{H1}","owner":"o","allowed_ips":["1.2.3.4/33"]}}"#
+                )),
+                &["keys[0].allowed_ips[0]", "1.2.3.4/33"],
+            ),
+            (
+                doc(&format!(
+                    r#"{{"id":"a","hash":"{H1}","owner":"o","plan":"gold"}}"#
+                )),
+                &["keys[0].plan", "gold"],
+            ),
+            (
+                doc(&format!(
+                    r#"{{"id":"a","hash":"{H1}","owner":"o","plan":"gold","rate_limits":[]}}"#
+                )),
+                &["keys[0].plan", "gold"],
+            ),
+            (
+                doc(&format!(
+                    r#"{{"id":"a","hash":"{H1}","owner":"o","expires_at":"tomorrow"}}"#
+                )),
+                &["keys[0].expires_at"],
+            ),
+            (
+                doc(&format!(
+                    r#"{{"id":"a","hash":"{H1}","owner":"o","rate_limits":[{{"limit":1,"window_s":0}}]}}"#
+                )),
+                &["keys[0].rate_limits[0].window_s"],
+            ),
+            (
+                r#"{"plans":{"p":{"rate_limits":[{"limit":1}]}},"keys":[]}"#.into(),
+                &["plans", "window_s"],
+            ),
         ];
         for (json, needles) in cases {
             let e = parse(json.as_bytes()).unwrap_err();
@@ -310,7 +415,8 @@ mod tests {
 
     #[test]
     fn escaped_strings_parse_too() {
-        let l = parse(doc(&format!(r#"{{"id":"a\u0041","hash":"{H1}","owner":"o"}}"#)).as_bytes()).unwrap();
+        let l = parse(doc(&format!(r#"{{"id":"a\u0041","hash":"{H1}","owner":"o"}}"#)).as_bytes())
+            .unwrap();
         assert_eq!(l.keys[0].id, "aA");
     }
 }

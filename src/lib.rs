@@ -12,6 +12,7 @@ pub mod path;
 pub mod ratelimit;
 pub mod record;
 pub mod response;
+pub mod routes;
 pub mod shared;
 pub mod time;
 

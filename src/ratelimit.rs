@@ -181,7 +181,9 @@ pub fn failures_in_slot(slot: &[u8], limit: &Limit, now: u64) -> u64 {
 
 /// The slot value after one more failed attempt.
 pub fn add_failure(slot: &[u8], limit: &Limit, now: u64) -> Vec<u8> {
-    let count = failures_in_slot(slot, limit, now).saturating_add(1).min(u32::MAX as u64);
+    let count = failures_in_slot(slot, limit, now)
+        .saturating_add(1)
+        .min(u32::MAX as u64);
     let mut out = Vec::with_capacity(12);
     out.extend_from_slice(&window_start(now, limit.window_s).to_le_bytes());
     out.extend_from_slice(&(count as u32).to_le_bytes());
@@ -272,8 +274,18 @@ mod tests {
         assert_eq!(r[2].states[1].count, 3);
         let tie = Counted {
             states: vec![
-                LimitState { limit: 5, window_s: 60, count: 5, reset: 0 },
-                LimitState { limit: 9, window_s: 1, count: 9, reset: 0 },
+                LimitState {
+                    limit: 5,
+                    window_s: 60,
+                    count: 5,
+                    reset: 0,
+                },
+                LimitState {
+                    limit: 9,
+                    window_s: 1,
+                    count: 9,
+                    reset: 0,
+                },
             ],
         };
         assert_eq!(tie.tightest().unwrap().window_s, 1);
@@ -289,7 +301,10 @@ mod tests {
         assert!(!run(&mut slot, 2, &limits, 101, 1)[0].allowed());
         let before = slot.len();
         run(&mut slot, 3, &limits, 500, 1);
-        assert!(slot.len() < before, "expired entries of keys 1 and 2 are dropped");
+        assert!(
+            slot.len() < before,
+            "expired entries of keys 1 and 2 are dropped"
+        );
         assert_eq!(entries(&slot).count(), 1);
     }
 
@@ -338,7 +353,12 @@ mod tests {
 
     #[test]
     fn header_styles() {
-        let s = LimitState { limit: 60, window_s: 60, count: 48, reset: 1_708_345_200 };
+        let s = LimitState {
+            limit: 60,
+            window_s: 60,
+            count: 48,
+            reset: 1_708_345_200,
+        };
         let now = 1_708_345_166;
         let h = headers(HeaderStyle::XRateLimit, &s, now);
         assert_eq!(

@@ -223,7 +223,9 @@ impl<'a> Record<'a> {
                 .chunks_exact(12)
                 .map(|c| Limit {
                     limit: u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u64,
-                    window_s: u64::from_le_bytes([c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11]]),
+                    window_s: u64::from_le_bytes([
+                        c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11],
+                    ]),
                 })
                 .collect()
         })
@@ -259,7 +261,7 @@ impl<'a> Iterator for StrIter<'a> {
 /// so that a lookup can tell "absent" from "not published".
 pub fn build_buckets(keys: &[KeyEntry], bits: u8) -> Vec<Vec<u8>> {
     let mut order: Vec<&KeyEntry> = keys.iter().collect();
-    order.sort_unstable_by(|a, b| a.hash.cmp(&b.hash));
+    order.sort_unstable_by_key(|e| e.hash);
     let mut buckets: Vec<Vec<u8>> = (0..1usize << bits).map(|_| vec![BUCKET_LIVE]).collect();
     for e in order {
         let i = bucket_index(&e.hash, bits) as usize;
@@ -300,34 +302,58 @@ mod tests {
 
     #[test]
     fn every_key_is_found_in_its_bucket_and_others_are_absent() {
-        let mut keys: Vec<KeyEntry> = (0..500).map(|i| entry(&format!("k{i}"), &format!("id{i}"))).collect();
+        let mut keys: Vec<KeyEntry> = (0..500)
+            .map(|i| entry(&format!("k{i}"), &format!("id{i}")))
+            .collect();
         keys[7].active = false;
         keys[7].expires_at = Some(-5);
         keys[7].sites = vec!["123".into(), "456".into()];
         keys[7].scopes = vec!["contacts:*".into()];
-        keys[7].limits = Some(vec![Limit { limit: 60, window_s: 60 }, Limit { limit: 5, window_s: 1 }]);
+        keys[7].limits = Some(vec![
+            Limit {
+                limit: 60,
+                window_s: 60,
+            },
+            Limit {
+                limit: 5,
+                window_s: 1,
+            },
+        ]);
         keys[7].allowed_ips = IpSet::parse(&["10.0.0.0/8", "2001:db8::/32"]).unwrap();
         let bits = bucket_bits(keys.len());
         let buckets = build_buckets(&keys, bits);
         assert_eq!(buckets.len(), 1 << bits);
         for (i, k) in keys.iter().enumerate() {
             let b = &buckets[bucket_index(&k.hash, bits) as usize];
-            let Found::Key(r) = find(b, &k.hash) else { panic!("key {i} not found") };
+            let Found::Key(r) = find(b, &k.hash) else {
+                panic!("key {i} not found")
+            };
             assert_eq!(r.id, k.id);
             assert_eq!(r.owner, "org");
             assert_eq!(r.active, k.active);
             assert_eq!(r.expires_at, k.expires_at);
             assert_eq!(r.limits(), k.limits);
-            assert_eq!(r.sites().collect::<Vec<_>>(), k.sites.iter().map(String::as_str).collect::<Vec<_>>());
+            assert_eq!(
+                r.sites().collect::<Vec<_>>(),
+                k.sites.iter().map(String::as_str).collect::<Vec<_>>()
+            );
             assert_eq!(r.scopes().count(), k.scopes.len());
         }
-        let Found::Key(r) = find(&buckets[bucket_index(&keys[7].hash, bits) as usize], &keys[7].hash) else { panic!() };
+        let Found::Key(r) = find(
+            &buckets[bucket_index(&keys[7].hash, bits) as usize],
+            &keys[7].hash,
+        ) else {
+            panic!()
+        };
         assert!(r.ip_allowed(Some("10.1.2.3".parse().unwrap())));
         assert!(r.ip_allowed(Some("::ffff:10.1.2.3".parse().unwrap())));
         assert!(!r.ip_allowed(Some("11.1.2.3".parse().unwrap())));
         assert!(!r.ip_allowed(None));
         let other: [u8; 32] = Sha256::digest(b"nope").into();
-        assert_eq!(find(&buckets[bucket_index(&other, bits) as usize], &other), Found::Absent);
+        assert_eq!(
+            find(&buckets[bucket_index(&other, bits) as usize], &other),
+            Found::Absent
+        );
     }
 
     #[test]

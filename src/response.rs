@@ -54,7 +54,9 @@ impl Class {
 
     pub fn default_body(self) -> &'static str {
         match self {
-            Class::MissingKey => r#"{"error":{"code":"missing_key","message":"API key is required"}}"#,
+            Class::MissingKey => {
+                r#"{"error":{"code":"missing_key","message":"API key is required"}}"#
+            }
             Class::InvalidKey => r#"{"error":{"code":"invalid_key","message":"Invalid API key"}}"#,
             Class::ExpiredKey => {
                 r#"{"error":{"code":"expired_key","message":"API key expired or revoked"}}"#

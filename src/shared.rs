@@ -185,7 +185,8 @@ pub fn count_key(store: &dyn SharedStore, id: &str, limits: &[Limit], now: u64) 
     for _ in 0..CAS_ATTEMPTS {
         let (value, cas) = store.get(&name);
         let exists = value.is_some();
-        let (next, counted) = ratelimit::count_in_slot(value.as_deref().unwrap_or(&[]), tag, limits, now);
+        let (next, counted) =
+            ratelimit::count_in_slot(value.as_deref().unwrap_or(&[]), tag, limits, now);
         match store.set(&name, &next, if exists { cas } else { None }) {
             Ok(()) => return Some(counted),
             Err(SetError::CasMismatch) => continue,
@@ -281,7 +282,12 @@ mod tests {
         }
     }
 
-    fn lookup<'a>(store: &MemoryStore, meta: &Meta, e: &KeyEntry, buf: &'a mut Vec<u8>) -> Found<'a> {
+    fn lookup<'a>(
+        store: &MemoryStore,
+        meta: &Meta,
+        e: &KeyEntry,
+        buf: &'a mut Vec<u8>,
+    ) -> Found<'a> {
         *buf = store
             .get(&bucket_key(meta.bits, bucket_index(&e.hash, meta.bits)))
             .0
@@ -293,29 +299,49 @@ mod tests {
     fn publish_replace_and_relayout() {
         let store = MemoryStore::default();
         let mut p = Publisher::default();
-        let small = KeyList { version: Some("1".into()), keys: (0..10).map(entry).collect() };
+        let small = KeyList {
+            version: Some("1".into()),
+            keys: (0..10).map(entry).collect(),
+        };
         let m1 = p.publish(&store, &small, Some("\"e1\"".into()), "ks/v1", 100);
         assert_eq!((m1.generation, m1.keys), (1, 10));
         assert_eq!(read_meta(&store).unwrap(), m1);
         let mut buf = Vec::new();
-        assert!(matches!(lookup(&store, &m1, &small.keys[3], &mut buf), Found::Key(r) if r.id == "id3"));
+        assert!(
+            matches!(lookup(&store, &m1, &small.keys[3], &mut buf), Found::Key(r) if r.id == "id3")
+        );
 
         // Revoke one key: only its bucket changes.
         let mut revoked = small.clone();
         revoked.keys[3].active = false;
         let writes_before = store.next_cas.get();
         let m2 = p.publish(&store, &revoked, None, "ks/v1", 110);
-        assert_eq!(store.next_cas.get() - writes_before, 2, "one bucket and the meta");
-        assert!(matches!(lookup(&store, &m2, &small.keys[3], &mut buf), Found::Key(r) if !r.active));
+        assert_eq!(
+            store.next_cas.get() - writes_before,
+            2,
+            "one bucket and the meta"
+        );
+        assert!(
+            matches!(lookup(&store, &m2, &small.keys[3], &mut buf), Found::Key(r) if !r.active)
+        );
 
         // Grow: a new layout, and the old one answers `moved`.
-        let big = KeyList { version: None, keys: (0..5000).map(entry).collect() };
+        let big = KeyList {
+            version: None,
+            keys: (0..5000).map(entry).collect(),
+        };
         let m3 = p.publish(&store, &big, None, "ks/v1", 120);
         assert_ne!(m3.bits, m1.bits);
         assert_eq!(lookup(&store, &m1, &big.keys[0], &mut buf), Found::Moved);
-        assert!(matches!(lookup(&store, &m3, &big.keys[4999], &mut buf), Found::Key(_)));
+        assert!(matches!(
+            lookup(&store, &m3, &big.keys[4999], &mut buf),
+            Found::Key(_)
+        ));
         // A key removed from the list is absent.
-        let fewer = KeyList { version: None, keys: (1..5000).map(entry).collect() };
+        let fewer = KeyList {
+            version: None,
+            keys: (1..5000).map(entry).collect(),
+        };
         let m4 = p.publish(&store, &fewer, None, "ks/v1", 130);
         assert_eq!(lookup(&store, &m4, &big.keys[0], &mut buf), Found::Absent);
 
@@ -326,7 +352,10 @@ mod tests {
     #[test]
     fn a_new_leader_rewrites_everything() {
         let store = MemoryStore::default();
-        let list = KeyList { version: None, keys: (0..10).map(entry).collect() };
+        let list = KeyList {
+            version: None,
+            keys: (0..10).map(entry).collect(),
+        };
         Publisher::default().publish(&store, &list, None, "s", 1);
         let mut changed = list.clone();
         changed.keys[0].active = false;
@@ -342,7 +371,10 @@ mod tests {
         let n = store.len();
         assert_eq!(n, (KEY_SLOTS + IP_SLOTS + 1) as usize);
         ensure_counter_slots(&store);
-        let lim = [Limit { limit: 2, window_s: 60 }];
+        let lim = [Limit {
+            limit: 2,
+            window_s: 60,
+        }];
         let allowed: Vec<bool> = (0..4)
             .map(|_| count_key(&store, "k1", &lim, 120).unwrap().allowed())
             .collect();
@@ -351,11 +383,19 @@ mod tests {
         add_ip_failure(&store, ip, &lim[0], 120);
         add_ip_failure(&store, ip, &lim[0], 121);
         assert_eq!(ip_failures(&store, ip, &lim[0], 122), 2);
-        assert_eq!(ip_failures(&store, Some("127.0.0.3".parse().unwrap()), &lim[0], 122), 0);
+        assert_eq!(
+            ip_failures(&store, Some("127.0.0.3".parse().unwrap()), &lim[0], 122),
+            0
+        );
         // Thousands of distinct keys and addresses create no new shared entries.
         for i in 0..5000 {
             count_key(&store, &format!("key{i}"), &lim, 130);
-            add_ip_failure(&store, Some(IpAddr::from([10, 0, (i / 256) as u8, i as u8])), &lim[0], 130);
+            add_ip_failure(
+                &store,
+                Some(IpAddr::from([10, 0, (i / 256) as u8, i as u8])),
+                &lim[0],
+                130,
+            );
         }
         assert_eq!(store.len(), n);
     }

@@ -49,8 +49,14 @@ fn define(kind: MetricType, name: &str) -> Option<u32> {
 impl Metrics {
     pub fn define() -> Metrics {
         Metrics {
-            decisions: DECISIONS.iter().map(|n| define(MetricType::Counter, n)).collect(),
-            fetches: FETCHES.iter().map(|n| define(MetricType::Counter, n)).collect(),
+            decisions: DECISIONS
+                .iter()
+                .map(|n| define(MetricType::Counter, n))
+                .collect(),
+            fetches: FETCHES
+                .iter()
+                .map(|n| define(MetricType::Counter, n))
+                .collect(),
             keys_loaded: define(MetricType::Gauge, "keygate_keys_loaded"),
         }
     }

@@ -69,7 +69,8 @@ impl Root {
     fn refresh_view(&self) {
         if let Some(s) = &self.shared {
             let meta = shared::read_meta(&self.store());
-            s.list.set(ListState::from_meta(meta.as_ref(), &s.source_id));
+            s.list
+                .set(ListState::from_meta(meta.as_ref(), &s.source_id));
         }
     }
 
@@ -151,7 +152,10 @@ impl Root {
         };
         let status = header(":status").unwrap_or_default();
         let outcome = if num_headers == 0 {
-            Err((Fetch::Failed, "no response (connection failure or timeout)".to_string()))
+            Err((
+                Fetch::Failed,
+                "no response (connection failure or timeout)".to_string(),
+            ))
         } else if status == "304" {
             shared::touch(&self.store(), now / 1000);
             Ok(Fetch::NotModified)
@@ -160,7 +164,10 @@ impl Root {
         } else if body_size > kl.max_bytes {
             Err((
                 Fetch::Rejected,
-                format!("body of {body_size} bytes is over max_bytes {}", kl.max_bytes),
+                format!(
+                    "body of {body_size} bytes is over max_bytes {}",
+                    kl.max_bytes
+                ),
             ))
         } else {
             let body = self
@@ -263,7 +270,10 @@ impl RootContext for Root {
             });
         }
         let timeout = s.config.key_list.timeout_ms + 1_000;
-        if self.in_flight.is_some_and(|(_, started)| now > started + timeout) {
+        if self
+            .in_flight
+            .is_some_and(|(_, started)| now > started + timeout)
+        {
             // The host never answered: give up on that call.
             self.in_flight = None;
         }
