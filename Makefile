@@ -22,7 +22,7 @@ WASM        := target/$(WASM_TARGET)/release/keygate.wasm
 CLI         := target/release/keygate
 PYTEST_ARGS ?=
 
-.PHONY: all deps rust-deps py-deps build wasm cli test unit lint fmt-check integration run clean distclean
+.PHONY: bench all deps rust-deps py-deps build wasm cli test unit lint fmt-check integration run clean distclean
 
 all: build
 
@@ -55,7 +55,7 @@ $(VENV_STAMP): tests/requirements.txt
 build: wasm cli
 
 wasm: rust-deps
-	$(CARGO) build --release --target $(WASM_TARGET) --lib
+	$(CARGO) rustc --release --target $(WASM_TARGET) --lib --crate-type cdylib
 	@test -f $(WASM) || { echo "expected $(WASM) after the build" >&2; exit 1; }
 
 cli:
@@ -72,6 +72,10 @@ test: deps build
 
 unit:
 	$(CARGO) test
+
+bench: deps build
+	$(CARGO) bench --bench matchers
+	$(CARGO) bench --bench shared_memory
 
 lint:
 	$(CARGO) clippy --all-targets -- -D warnings

@@ -152,7 +152,13 @@ mod tests {
         let text = r#"{"z":1,"a":[true,null,-2,1.5,"x\u00e9"],"m":{"b":{},"a":[]},"big":18446744073709551615}"#;
         let v: Json = serde_json::from_str(text).unwrap();
         let back = serde_json::to_string(&v).unwrap();
-        assert_eq!(back, r#"{"z":1,"a":[true,null,-2,1.5,"xé"],"m":{"b":{},"a":[]},"big":18446744073709551615}"#);
-        assert_eq!(v.get("m").and_then(|m| m.get("b")), Some(&Json::Object(vec![])));
+        assert_eq!(
+            back,
+            r#"{"z":1,"a":[true,null,-2,1.5,"xé"],"m":{"b":{},"a":[]},"big":18446744073709551615}"#
+        );
+        assert_eq!(
+            v.get("m").and_then(|m| m.get("b")),
+            Some(&Json::Object(vec![]))
+        );
     }
 }

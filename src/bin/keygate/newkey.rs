@@ -133,7 +133,10 @@ pub fn run(a: &Args) -> Result<(), Failure> {
     let n_keys = match doc.get("keys") {
         None => 0,
         Some(Json::Array(keys)) => {
-            if keys.iter().any(|k| k.get("id").and_then(Json::as_str) == Some(id)) {
+            if keys
+                .iter()
+                .any(|k| k.get("id").and_then(Json::as_str) == Some(id))
+            {
                 return Err(Failure::Error(format!(
                     "{}: a key with id {id:?} already exists",
                     list.display()
@@ -149,10 +152,10 @@ pub fn run(a: &Args) -> Result<(), Failure> {
         }
     };
     if let Some(Json::Object(owners)) = doc.get("owners") {
-        let active = owners.iter().find(|(k, _)| k == owner).is_some_and(|(_, v)| {
-            v.get("status")
-                .is_none_or(|s| s.as_str() == Some("active"))
-        });
+        let active = owners
+            .iter()
+            .find(|(k, _)| k == owner)
+            .is_some_and(|(_, v)| v.get("status").is_none_or(|s| s.as_str() == Some("active")));
         if !active {
             eprintln!("keygate new: warning: owner {owner:?} is missing from \"owners\" or not active there; the key will be refused as invalid_key until it is");
         }

@@ -15,6 +15,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// A line on stderr; a closed or broken stderr is ignored rather than a reason to panic.
+macro_rules! log {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(io::stderr(), $($arg)*);
+    }};
+}
+
 pub const OPTIONS: &[&str] = &["--listen", "--path", "--bearer-file"];
 pub const DEFAULT_PATH: &str = "/v1/keys";
 pub const HEALTH_PATH: &str = "/healthz";
@@ -78,16 +85,16 @@ pub fn run(a: &Args) -> Result<(), Failure> {
         cache: Mutex::new(Cache::default()),
         connections: AtomicUsize::new(0),
     });
-    eprintln!("keygate serve: listening on {local}");
+    log!("keygate serve: listening on {local}");
     if let Err(e) = server.current() {
-        eprintln!("keygate serve: warning: {e}; answering 503 until it can be read");
+        log!("keygate serve: warning: {e}; answering 503 until it can be read");
     }
 
     for conn in listener.incoming() {
         let stream = match conn {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("keygate serve: accept: {e}");
+                log!("keygate serve: accept: {e}");
                 std::thread::sleep(Duration::from_millis(50));
                 continue;
             }
@@ -102,7 +109,7 @@ pub fn run(a: &Args) -> Result<(), Failure> {
             let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
             let resp = Response::text(503, "too many connections\n");
             let _ = stream.write_all(&resp.encode(false, false));
-            eprintln!("keygate serve: {peer}: refused, {MAX_CONNECTIONS} connections open");
+            log!("keygate serve: {peer}: refused, {MAX_CONNECTIONS} connections open");
             continue;
         }
         let guard = ConnGuard(server.clone());
@@ -114,7 +121,7 @@ pub fn run(a: &Args) -> Result<(), Failure> {
                 srv.connection(stream, &peer);
             });
         if let Err(e) = spawned {
-            eprintln!("keygate serve: cannot start a connection thread: {e}");
+            log!("keygate serve: cannot start a connection thread: {e}");
         }
     }
     Ok(())
@@ -315,12 +322,12 @@ impl Server {
         let changed = c.snap.as_ref().is_none_or(|s| s.etag != etag);
         if changed {
             match keygate::keylist::parse(&body) {
-                Ok(list) => eprintln!(
+                Ok(list) => log!(
                     "keygate serve: {shown}: {} keys (version {}), ETag {etag}",
                     list.keys.len(),
                     list.version.as_deref().unwrap_or("none")
                 ),
-                Err(e) => eprintln!(
+                Err(e) => log!(
                     "keygate serve: warning: {shown} is not a valid key list, serving it anyway (the filter will reject it and keep its last good list): {e}"
                 ),
             }
@@ -348,6 +355,7 @@ impl Server {
                     let resp = Response::text(431, "request head too large\n");
                     let _ = stream.write_all(&resp.encode(false, false));
                     self.log(peer, "-", "-", &resp);
+                    lingering_close(stream);
                     return;
                 }
             };
@@ -356,9 +364,10 @@ impl Server {
             let req = match parsed {
                 Ok(r) => r,
                 Err(status) => {
-                    let resp = Response::text(status, "bad request\n");
+                    let resp = Response::text(status, &format!("{}\n", reason(status)));
                     let _ = stream.write_all(&resp.encode(false, false));
                     self.log(peer, "-", "-", &resp);
+                    lingering_close(stream);
                     return;
                 }
             };
@@ -370,7 +379,13 @@ impl Server {
                 .write_all(&resp.encode(keep_alive, head_only))
                 .and_then(|_| stream.flush());
             self.log(peer, &req.method, &req.target, &resp);
-            if sent.is_err() || !keep_alive {
+            if sent.is_err() {
+                return;
+            }
+            if !keep_alive {
+                if req.has_body {
+                    lingering_close(stream);
+                }
                 return;
             }
         }
@@ -432,7 +447,7 @@ impl Server {
             .map(|c| if c.is_ascii_graphic() { c } else { '?' })
             .collect();
         let method: String = method.chars().take(20).collect();
-        eprintln!(
+        log!(
             "keygate serve: {peer} \"{method} {target}\" {} {}",
             resp.status,
             resp.body_len()
@@ -444,7 +459,7 @@ impl Cache {
     /// Records a read problem, logging it when it differs from the last one.
     fn problem(&mut self, msg: String) -> String {
         if self.problem.as_deref() != Some(&msg) {
-            eprintln!("keygate serve: warning: {msg}");
+            log!("keygate serve: warning: {msg}");
             self.problem = Some(msg.clone());
         }
         self.stamp = None;
@@ -489,6 +504,22 @@ fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<usize, HeadErr
     }
 }
 
+/// Closes after an answer sent before the whole request was read: stop writing, then discard
+/// what the client is still sending for a moment, so that closing with unread input does not
+/// reset the connection before the client has read the answer.
+fn lingering_close(mut stream: TcpStream) {
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut sink = [0u8; 4096];
+    let mut total = 0usize;
+    while total < 1 << 20 {
+        match stream.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => total += n,
+        }
+    }
+}
+
 /// End of the head: after the first empty line (CRLF CRLF, or bare LF LF leniently).
 fn head_end(buf: &[u8]) -> Option<usize> {
     let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
@@ -511,8 +542,7 @@ fn parse_head(head: &[u8]) -> Result<Request, u16> {
     let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
     let request_line = lines.next().ok_or(400u16)?;
     let mut parts = request_line.split(' ');
-    let (method, target, version) = match (parts.next(), parts.next(), parts.next(), parts.next())
-    {
+    let (method, target, version) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
         (Some(m), Some(t), Some(v), None) => (m, t, v),
         _ => return Err(400),
     };
@@ -601,8 +631,7 @@ pub fn if_none_match(values: &[String], etag: &str) -> bool {
             if rest.is_empty() {
                 break;
             }
-            if let Some(r) = rest.strip_prefix('*') {
-                let _ = r;
+            if rest.starts_with('*') {
                 return true;
             }
             let tag = rest.strip_prefix("W/").unwrap_or(rest);
@@ -629,7 +658,12 @@ fn bearer_matches(authorization: Option<&str>, token: &[u8]) -> bool {
         return false;
     }
     let given = given.trim().as_bytes();
-    given.len() == token.len() && given.iter().zip(token).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    given.len() == token.len()
+        && given
+            .iter()
+            .zip(token)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 /// IMF-fixdate (RFC 9110 §5.6.7), e.g. `Sun, 06 Nov 1994 08:49:37 GMT`.
@@ -717,7 +751,9 @@ mod tests {
             .ok()
             .unwrap();
         assert!(r.keep_alive);
-        let r = parse_head(b"GET / HTTP/1.1\r\nContent-Length: 3\r\n\r\n").ok().unwrap();
+        let r = parse_head(b"GET / HTTP/1.1\r\nContent-Length: 3\r\n\r\n")
+            .ok()
+            .unwrap();
         assert!(r.has_body);
         for bad in [
             &b"GET /\r\n\r\n"[..],
@@ -729,7 +765,11 @@ mod tests {
             b"GET / HTTP/1.1\r\n folded\r\n\r\n",
             b"\xff / HTTP/1.1\r\n\r\n",
         ] {
-            assert!(parse_head(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                parse_head(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
