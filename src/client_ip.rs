@@ -28,6 +28,18 @@ pub fn parse_source_address(s: &str) -> Option<IpAddr> {
     parse_addr(s).map(canonical)
 }
 
+/// The connection's peer from Envoy's `source.address`, or None when Envoy did not take it from
+/// the socket. Unless the HTTP connection manager sets `use_remote_address`, Envoy replaces
+/// `source.address` with the rightmost `X-Forwarded-For` entry — which any client can write —
+/// and such an address carries port 0, which no real TCP peer has. Trusting it would let a
+/// client choose its own IP, so it counts as unknown (and matches no allow list).
+pub fn connection_address(source_property: &str) -> Option<IpAddr> {
+    match source_property.parse::<SocketAddr>() {
+        Ok(sa) if sa.port() == 0 => None,
+        _ => parse_source_address(source_property),
+    }
+}
+
 /// The client IP: `source` when `trusted_hops` is 0, else the `trusted_hops`th entry from the
 /// right of the `X-Forwarded-For` value (1 is the rightmost). Entries are trimmed of spaces and
 /// tabs; empty entries still count as positions. Besides a bare IP an entry may be `v4:port`,
@@ -41,8 +53,18 @@ pub fn client_ip(source: Option<IpAddr>, xff: Option<&[u8]>, trusted_hops: u32) 
     else {
         return source;
     };
-    xff.and_then(|v| std::str::from_utf8(v).ok())
-        .and_then(|v| v.rsplit(',').nth(nth))
+    let xff = xff.and_then(|v| std::str::from_utf8(v).ok());
+    // With `use_remote_address`, Envoy appends the peer itself before filters run; hops count
+    // the proxies in front of Envoy, so that entry is not one of them.
+    let appended = |v: &str| {
+        let last = v
+            .rsplit(',')
+            .next()
+            .map(|e| e.trim_matches(|c| c == ' ' || c == '\t'));
+        source.is_some() && last.and_then(parse_addr).map(canonical) == source
+    };
+    let skip = usize::from(xff.is_some_and(appended));
+    xff.and_then(|v| v.rsplit(',').nth(nth + skip))
         .map(|entry| entry.trim_matches(|c| c == ' ' || c == '\t'))
         .and_then(parse_addr)
         .map(canonical)
@@ -52,6 +74,40 @@ pub fn client_ip(source: Option<IpAddr>, xff: Option<&[u8]>, trusted_hops: u32) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_envoy_took_from_xff_are_not_the_connection() {
+        assert_eq!(connection_address("127.0.0.2:0"), None);
+        assert_eq!(connection_address("[2001:db8::1]:0"), None);
+        assert_eq!(
+            connection_address("127.0.0.2:5555"),
+            Some("127.0.0.2".parse().unwrap())
+        );
+        assert_eq!(
+            connection_address("[::ffff:127.0.0.2]:5555"),
+            Some("127.0.0.2".parse().unwrap())
+        );
+        assert_eq!(
+            connection_address("127.0.0.9"),
+            Some("127.0.0.9".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn the_peer_envoy_appended_is_not_a_hop() {
+        let peer: Option<IpAddr> = Some("127.0.0.3".parse().unwrap());
+        let xff = b"203.0.113.7, 10.0.0.1, 127.0.0.3";
+        assert_eq!(
+            client_ip(peer, Some(xff), 1),
+            Some("10.0.0.1".parse().unwrap())
+        );
+        assert_eq!(
+            client_ip(peer, Some(xff), 2),
+            Some("203.0.113.7".parse().unwrap())
+        );
+        assert_eq!(client_ip(peer, Some(xff), 3), peer);
+        assert_eq!(client_ip(peer, Some(b"127.0.0.3"), 1), peer);
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()

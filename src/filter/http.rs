@@ -35,7 +35,7 @@ impl HttpContext for Http {
             .ok()
             .flatten()
             .and_then(|v| String::from_utf8(v).ok())
-            .and_then(|v| client_ip::parse_source_address(&v));
+            .and_then(|v| client_ip::connection_address(&v));
         let req = Request {
             headers: &headers,
             source,

@@ -446,6 +446,9 @@ def build_bootstrap(
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "ingress",
         "codec_type": "AUTO",
+        # An edge Envoy: the client address is the TCP peer, not a client-written X-Forwarded-For
+        # (keygate needs this to know the connection's source address; see the README).
+        "use_remote_address": True,
         "route_config": {
             "name": "local",
             "virtual_hosts": [{

@@ -253,10 +253,15 @@ def test_exempt_rules(gw):
     exempt("GET", "/v1/..//swagger/./ui")
     exempt("GET", "/x%2F..%2Fswagger")
     exempt("GET", "/healthz?probe=1")
-    # an exempt request with a valid key still gets no identity
-    exempt("GET", "/swagger/ui", {"x-api-key": LIVE})
-    exempt("OPTIONS", "/r", {**pre, "x-api-key": LIVE})
-    assert gw.env.stat("keygate_exempt") - before == 10
+    # an exempt request with a key still gets no identity, and the key does not go upstream
+    # (SPEC §5: keys never appear upstream unless strip_credential is false)
+    seen = exempt("GET", "/swagger/ui", {"x-api-key": LIVE})
+    assert header_values(seen, "x-api-key") == [], seen["header_list"]
+    seen = exempt("OPTIONS", "/r", {**pre, "authorization": f"Bearer {LIVE}"})
+    assert header_values(seen, "authorization") == [], seen["header_list"]
+    seen = exempt("GET", f"/swagger/ui?v=1&api_key={LIVE}")
+    assert seen["path"] == "/swagger/ui?v=1", seen["path"]
+    assert gw.env.stat("keygate_exempt") - before == 11
 
     # not exempt
     check_refused(gw, "missing_key", "/r", {"origin": "https://app.example"}, method="OPTIONS")  # no ACRM
@@ -732,10 +737,10 @@ def test_max_stale_makes_requests_unavailable_and_304_refreshes(envoy_factory, k
 BASE = {"key_list": {"cluster": "keyservice", "path": "/v1/keys"}}
 CONFIG_ERRORS = [
     ("unknown top-level field", {**BASE, "frobnicate": 1}, ["frobnicate"]),
-    ("missing key_list.cluster", {"key_list": {"path": "/v1/keys"}}, ["cluster"]),
-    ("bad refresh_s type", {"key_list": {**BASE["key_list"], "refresh_s": "30"}}, ["refresh_s"]),
+    ("missing key_list.cluster", {"key_list": {"path": "/v1/keys"}}, ["key_list", "cluster"]),
+    ("bad refresh_s type", {"key_list": {**BASE["key_list"], "refresh_s": "30"}}, ["key_list.refresh_s", '"30"']),
     ("bad CIDR in ip_allow", {**BASE, "ip_allow": ["10.0.0.0/8", "10.1.2.300/24"]}, ["ip_allow", "10.1.2.300/24"]),
-    ("unknown errors class", {**BASE, "errors": {"teapot": {"status": 418}}}, ["teapot"]),
+    ("unknown errors class", {**BASE, "errors": {"teapot": {"status": 418}}}, ["errors", "teapot"]),
     ("bad rate_limit.headers", {**BASE, "rate_limit": {"headers": "fancy"}}, ["rate_limit.headers", "fancy"]),
     ("invalid JSON", '{"key_list": {"cluster": "keyservice", "path": "/v1/keys"', []),
 ]

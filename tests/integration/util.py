@@ -119,7 +119,9 @@ def fetch_total(env: Envoy) -> float:
 
 
 def metric_deltas(before: dict, after: dict) -> dict:
-    return {k: after.get(k, 0.0) - before.get(k, 0.0) for k in set(before) | set(after) if after.get(k, 0.0) != before.get(k, 0.0)}
+    """Changed keygate_* metrics: name -> after - before."""
+    return {k: after.get(k, 0.0) - before.get(k, 0.0) for k in sorted(set(before) | set(after))
+            if k.startswith("keygate_") and after.get(k, 0.0) != before.get(k, 0.0)}
 
 
 def dumps(d: Any) -> str:
