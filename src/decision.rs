@@ -290,9 +290,14 @@ pub fn decide(
     }
 
     // 4. A list must be loaded and fresh enough.
-    let stale = cfg.key_list.max_stale_s > 0
-        && now.saturating_sub(list.fetched_at) > cfg.key_list.max_stale_s;
-    if !list.loaded || stale {
+    let stale = |l: &ListState| {
+        cfg.key_list.max_stale_s > 0 && now.saturating_sub(l.fetched_at) > cfg.key_list.max_stale_s
+    };
+    if !list.loaded || stale(list) {
+        // The worker's view is refreshed on ticks; before refusing, make sure it is current.
+        *list = ListState::from_meta(shared::read_meta(store).as_ref(), source);
+    }
+    if !list.loaded || stale(list) {
         if cfg.key_list.fail_open {
             let mut o = Outcome::new(Kind::FailOpen);
             upstream_edits(cfg, &mut o, req, credential.as_ref().map(|c| &c.location));

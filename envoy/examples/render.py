@@ -57,6 +57,9 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: {api}
           codec_type: AUTO
+          # An edge Envoy: the client address keygate checks (per-key allowed_ips) is the TCP peer,
+          # not a client-written X-Forwarded-For.
+          use_remote_address: true
           access_log:
           - name: envoy.access_loggers.stdout
             typed_config:

@@ -10,7 +10,6 @@ that the demo key lists agree with demo-keys.txt, and that each envoy.yaml runs 
 from __future__ import annotations
 
 import json
-import re
 import secrets
 import string
 import subprocess
@@ -507,6 +506,9 @@ def test_mindbaz(envoy_factory, keyservice, echo):
     refusal(cfg, "ip_denied", env.request("GET", res, key("ip"), source_ip="127.0.0.3"))
     refusal(cfg, "ip_denied", env.request("GET", res, key("ip6")))
     assert env.request("GET", res, key("any"), source_ip="127.0.0.3").status == 200
+    # the address is the connection's, whatever X-Forwarded-For a client writes
+    refusal(cfg, "ip_denied", env.request("GET", res, key("ip") | {"X-Forwarded-For": "127.0.0.2"}, source_ip="127.0.0.3"))
+    assert env.request("GET", res, key("ip") | {"X-Forwarded-For": "192.0.2.1"}, source_ip="127.0.0.2").status == 200
 
     # per-minute rate limit with X-RateLimit-Limit / -Remaining / -Reset
     fresh_window()
