@@ -73,6 +73,31 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// The request's headers after this outcome's edits, for writing them back in one call:
+    /// removed and replaced names dropped, new values and the new `:path` added.
+    pub fn edited_headers<'a>(
+        &'a self,
+        headers: &'a [(String, Vec<u8>)],
+    ) -> Vec<(&'a str, &'a [u8])> {
+        let replaced = |name: &str| {
+            self.remove_headers.iter().any(|h| h == name)
+                || self.set_headers.iter().any(|(h, _)| h == name)
+                || (name == ":path" && self.new_path.is_some())
+        };
+        let mut out: Vec<(&str, &[u8])> = headers
+            .iter()
+            .filter(|(k, _)| !replaced(k))
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
+            .collect();
+        if let Some(path) = &self.new_path {
+            out.push((":path", path.as_bytes()));
+        }
+        for (k, v) in &self.set_headers {
+            out.push((k.as_str(), v.as_bytes()));
+        }
+        out
+    }
+
     fn new(kind: Kind) -> Outcome {
         Outcome {
             kind,
@@ -484,4 +509,43 @@ fn decide_key(
     upstream_edits(cfg, &mut o, req, Some(location));
     o.response_headers = rate_headers;
     with_id(o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edited_headers_apply_every_edit_once() {
+        let mut o = Outcome::new(Kind::Allowed);
+        o.remove_headers = vec!["x-api-key".into(), "x-api-key-owner".into()];
+        o.set_headers = vec![("x-api-key-id".into(), "k1".into())];
+        o.new_path = Some("/v1/things?a=1".into());
+        let headers: Vec<(String, Vec<u8>)> = [
+            (":method", "GET"),
+            (":path", "/v1/things?a=1&api_key=secret"),
+            ("x-api-key", "secret"),
+            ("x-api-key-id", "spoofed"),
+            ("x-api-key-id", "spoofed-again"),
+            ("x-api-key-owner", "spoofed"),
+            ("accept", "*/*"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+        .collect();
+        let out: Vec<(&str, &str)> = o
+            .edited_headers(&headers)
+            .into_iter()
+            .map(|(k, v)| (k, std::str::from_utf8(v).unwrap()))
+            .collect();
+        assert_eq!(
+            out,
+            vec![
+                (":method", "GET"),
+                ("accept", "*/*"),
+                (":path", "/v1/things?a=1"),
+                ("x-api-key-id", "k1")
+            ]
+        );
+    }
 }

@@ -61,14 +61,22 @@ impl HttpContext for Http {
             }
             return Action::Pause;
         }
-        for name in &outcome.remove_headers {
-            self.set_http_request_header(name, None);
-        }
-        for (name, value) in &outcome.set_headers {
-            self.set_http_request_header(name, Some(value));
-        }
-        if let Some(path) = &outcome.new_path {
-            self.set_http_request_header(":path", Some(path));
+        let edits = outcome.remove_headers.len()
+            + outcome.set_headers.len()
+            + usize::from(outcome.new_path.is_some());
+        if edits > 1 {
+            // Several edits cost one host call as a whole new header map instead of one each.
+            self.set_http_request_headers_bytes(outcome.edited_headers(&headers));
+        } else {
+            for name in &outcome.remove_headers {
+                self.set_http_request_header(name, None);
+            }
+            for (name, value) in &outcome.set_headers {
+                self.set_http_request_header(name, Some(value));
+            }
+            if let Some(path) = &outcome.new_path {
+                self.set_http_request_header(":path", Some(path));
+            }
         }
         self.response_headers = outcome.response_headers;
         Action::Continue

@@ -116,6 +116,7 @@ def test_envoy_yaml_is_rendered_from_keygate_json(api):
     assert text == render.render(api), f"envoy/examples/{api}/envoy.yaml is stale: run python3 envoy/examples/render.py"
     assert render.embedded_config(text) == json.loads((EXAMPLES / api / "keygate.json").read_text())
     assert "filename: target/wasm32-wasip1/release/keygate.wasm" in text
+    assert "use_remote_address: true" in text  # the client IP is the TCP peer, not a written XFF
     for port in (8080, 8081, 8082, 9901):
         assert f"port_value: {port}" in text
     assert subprocess.run([sys.executable, str(EXAMPLES / "render.py"), "--check", api]).returncode == 0

@@ -161,3 +161,13 @@ def expect_config_failure(cfg, attempts: int = 3, **kwargs) -> str:
             continue
         return log
     raise AssertionError("unreachable")
+
+
+def assert_no_key_material(env: Envoy, plaintexts: list[str]) -> None:
+    """SPEC §5/§6: neither the keys nor their hashes appear in Envoy's log or stats."""
+    _, prom = env.admin("/stats/prometheus")
+    _, stats = env.admin("/stats")
+    for where, text in (("log", env.log()), ("/stats/prometheus", prom), ("/stats", stats)):
+        for p in plaintexts:
+            for needle in (p, sha256_hex(p), sha256_hex(p).upper()):
+                assert needle not in text, f"key material {needle[:12]}... (of key {p[:6]}...) found in Envoy's {where}"
