@@ -371,17 +371,23 @@ fn method(field: &str, m: &str) -> Result<String, String> {
     Ok(m.to_ascii_uppercase())
 }
 
+/// A JSON error named by the path of the field it is about; a syntax error has no such field.
+pub(crate) fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> String {
+    let path = e.path().to_string();
+    let inner = e.inner();
+    if inner.is_syntax() || inner.is_eof() {
+        format!("invalid JSON: {inner}")
+    } else if path == "." {
+        inner.to_string()
+    } else {
+        format!("{path}: {inner}")
+    }
+}
+
 /// Parses and validates a plugin configuration document.
 pub fn parse(json: &[u8]) -> Result<Config, String> {
     let de = &mut serde_json::Deserializer::from_slice(json);
-    let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        if path == "." {
-            e.inner().to_string()
-        } else {
-            format!("{path}: {}", e.inner())
-        }
-    })?;
+    let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(json_error)?;
     compile(raw)
 }
 

@@ -1,7 +1,7 @@
 //! The key-list document (SPEC §2): parsed and validated whole, then resolved into self-contained
 //! entries (owner validity and plan limits folded in) so a request needs exactly one record.
 
-use crate::config::{validate_limits, Limit};
+use crate::config::{json_error, validate_limits, Limit};
 use crate::ipset::IpSet;
 use crate::time;
 use serde::Deserialize;
@@ -111,14 +111,7 @@ pub fn parse_hash(s: &str) -> Option<[u8; 32]> {
 /// names the offending field by JSON path (and never contains a key, which the list cannot hold).
 pub fn parse(body: &[u8]) -> Result<KeyList, String> {
     let de = &mut serde_json::Deserializer::from_slice(body);
-    let doc: RawDoc = serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        if path == "." {
-            e.inner().to_string()
-        } else {
-            format!("{path}: {}", e.inner())
-        }
-    })?;
+    let doc: RawDoc = serde_path_to_error::deserialize(de).map_err(json_error)?;
 
     let mut plans: HashMap<&str, Option<&Vec<Limit>>> = HashMap::new();
     for (name, plan) in &doc.plans {

@@ -83,8 +83,21 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        for (name, value) in std::mem::take(&mut self.response_headers) {
-            self.add_http_response_header(&name, &value);
+        let add = std::mem::take(&mut self.response_headers);
+        if add.len() > 2 {
+            // Reading the map and writing it back is two host calls, whatever the count.
+            let mut headers = self.get_http_response_headers_bytes();
+            headers.extend(add.into_iter().map(|(k, v)| (k, v.into_bytes())));
+            self.set_http_response_headers_bytes(
+                headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_slice()))
+                    .collect(),
+            );
+        } else {
+            for (name, value) in add {
+                self.add_http_response_header(&name, &value);
+            }
         }
         Action::Continue
     }

@@ -92,11 +92,17 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """Free ports below the kernel's ephemeral range (32768+), so the outgoing connections of
+    other tests cannot take them between this check and Envoy binding them."""
     socks = []
     try:
-        for _ in range(n):
+        while len(socks) < n:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
+            try:
+                s.bind((host, random.randint(20000, 32000)))
+            except OSError:
+                s.close()
+                continue
             socks.append(s)
         return [s.getsockname()[1] for s in socks]
     finally:
@@ -561,7 +567,7 @@ def _is_ready(env: Envoy) -> bool:
     try:
         status, _ = env.admin("/ready", timeout=1.0)
         return status == 200
-    except OSError:
+    except (OSError, http.client.HTTPException):
         return False
 
 
