@@ -121,6 +121,8 @@ pub enum HeaderStyle {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Whoami {
     pub path: String,
+    /// Methods answered (default GET and HEAD); others go upstream like any allowed request.
+    pub methods: Vec<String>,
     pub status: u32,
     pub body: String,
     pub content_type: String,
@@ -303,6 +305,7 @@ struct RawError {
 #[serde(deny_unknown_fields)]
 struct RawWhoami {
     path: String,
+    methods: Option<Vec<String>>,
     #[serde(default = "default_whoami_status")]
     status: u32,
     #[serde(default = "default_whoami_body")]
@@ -653,8 +656,18 @@ fn compile(raw: RawConfig) -> Result<Config, String> {
                 Some(ct) => header_value("whoami.content_type", &ct)?,
                 None => "application/json".to_string(),
             };
+            let mut methods = Vec::new();
+            for (j, m) in w
+                .methods
+                .unwrap_or_else(|| vec!["GET".into(), "HEAD".into()])
+                .iter()
+                .enumerate()
+            {
+                methods.push(method(&format!("whoami.methods[{j}]"), m)?);
+            }
             Some(Whoami {
                 path: path::normalize(&w.path),
+                methods,
                 status: w.status,
                 body: w.body,
                 content_type,

@@ -482,7 +482,11 @@ fn decide_key(
     }
 
     // Identity endpoint: keygate answers it itself.
-    if let Some(w) = cfg.whoami.as_ref().filter(|w| w.path == norm_path) {
+    if let Some(w) = cfg
+        .whoami
+        .as_ref()
+        .filter(|w| w.path == norm_path && w.methods.iter().any(|m| m == method))
+    {
         let json = w.content_type.contains("json");
         let body = render_template(&w.body, &RateContext::default())
             .replace("{owner}", &template_value(record.owner, json))
@@ -546,6 +550,81 @@ mod tests {
                 (":path", "/v1/things?a=1"),
                 ("x-api-key-id", "k1")
             ]
+        );
+    }
+
+    fn whoami_setup() -> (Config, crate::shared::MemoryStore) {
+        let cfg = crate::config::parse(
+            br#"{"key_list":{"cluster":"k","path":"/"},
+                 "whoami":{"path":"/api/v1/auth/me","body":"{\"id\":\"{owner}\"}"}}"#,
+        )
+        .unwrap();
+        let hash: String = Sha256::digest(b"minds_abc")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let list = crate::keylist::parse(
+            format!(r#"{{"keys":[{{"id":"k1","hash":"{hash}","owner":"550e\"8400"}}]}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        let store = crate::shared::MemoryStore::default();
+        crate::shared::Publisher::default().publish(
+            &store,
+            &list,
+            None,
+            &cfg.key_list.source_id(),
+            100,
+        );
+        (cfg, store)
+    }
+
+    fn request(method: &str, path: &str, key: &str) -> Vec<(String, Vec<u8>)> {
+        vec![
+            (":method".into(), method.as_bytes().to_vec()),
+            (":path".into(), path.as_bytes().to_vec()),
+            ("authorization".into(), format!("Bearer {key}").into_bytes()),
+        ]
+    }
+
+    #[test]
+    fn whoami_answers_get_for_a_valid_key_only() {
+        let (cfg, store) = whoami_setup();
+        let mut list = ListState::from_meta(
+            shared::read_meta(&store).as_ref(),
+            &cfg.key_list.source_id(),
+        );
+        let run = |list: &mut ListState, m: &str, p: &str, k: &str| {
+            let h = request(m, p, k);
+            decide(
+                &cfg,
+                list,
+                &store,
+                &Request {
+                    headers: &h,
+                    source: None,
+                },
+                100,
+            )
+        };
+        let o = run(&mut list, "GET", "/api/v1/auth/me?x=1", "minds_abc");
+        assert_eq!(o.kind, Kind::Whoami);
+        let reply = o.reply.unwrap();
+        assert_eq!(
+            (reply.status, reply.body.as_str()),
+            (200, r#"{"id":"550e\"8400"}"#)
+        );
+        assert_eq!(
+            run(&mut list, "POST", "/api/v1/auth/me", "minds_abc").kind,
+            Kind::Allowed
+        );
+        assert_eq!(
+            run(&mut list, "GET", "/api/v1/auth/me/x", "minds_abc").kind,
+            Kind::Allowed
+        );
+        assert_eq!(
+            run(&mut list, "GET", "/api/v1/auth/me", "minds_nope").kind,
+            Kind::Refused(Class::InvalidKey)
         );
     }
 }

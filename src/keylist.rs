@@ -7,6 +7,7 @@ use crate::time;
 use serde::Deserialize;
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, Hasher};
 
 /// One key, resolved: everything a request needs to decide, and nothing of the key itself but
 /// its SHA-256.
@@ -88,6 +89,32 @@ struct RawKey<'a> {
     rate_limits: Option<Vec<Limit>>,
 }
 
+/// FNV-1a for the uniqueness checks of a large list: ids are short and hashes already uniform,
+/// so SipHash's flood resistance buys nothing here (the list comes from the operator).
+#[derive(Clone, Copy, Default)]
+struct Fnv;
+
+struct FnvHasher(u64);
+
+impl BuildHasher for Fnv {
+    type Hasher = FnvHasher;
+    fn build_hasher(&self) -> FnvHasher {
+        FnvHasher(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for FnvHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= *b as u64;
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
 /// 1–256 visible ASCII characters: always a valid header value and log token.
 pub fn valid_name(s: &str) -> bool {
     (1..=256).contains(&s.len()) && s.bytes().all(|b| (0x21..=0x7e).contains(&b))
@@ -127,8 +154,8 @@ pub fn parse(body: &[u8]) -> Result<KeyList, String> {
             .collect()
     });
 
-    let mut ids: HashSet<&str> = HashSet::with_capacity(doc.keys.len());
-    let mut hashes: HashSet<[u8; 32]> = HashSet::with_capacity(doc.keys.len());
+    let mut ids: HashSet<&str, Fnv> = HashSet::with_capacity_and_hasher(doc.keys.len(), Fnv);
+    let mut hashes: HashSet<[u8; 32], Fnv> = HashSet::with_capacity_and_hasher(doc.keys.len(), Fnv);
     let mut keys = Vec::with_capacity(doc.keys.len());
     for (i, k) in doc.keys.iter().enumerate() {
         let field = |sub: &str| format!("keys[{i}].{sub}");

@@ -260,16 +260,20 @@ impl<'a> Iterator for StrIter<'a> {
 /// Builds every bucket of a layout: `(index, value)` for all 2^bits buckets, empty ones included
 /// so that a lookup can tell "absent" from "not published".
 pub fn build_buckets(keys: &[KeyEntry], bits: u8) -> Vec<Vec<u8>> {
-    let mut order: Vec<&KeyEntry> = keys.iter().collect();
-    order.sort_unstable_by_key(|e| e.hash);
-    let mut buckets: Vec<Vec<u8>> = (0..1usize << bits).map(|_| vec![BUCKET_LIVE]).collect();
-    for e in order {
-        let i = bucket_index(&e.hash, bits) as usize;
-        if let Some(b) = buckets.get_mut(i) {
-            encode_entry(e, b);
+    // Group by bucket first, then sort each small bucket: far cheaper than sorting every key.
+    let mut members: Vec<Vec<&KeyEntry>> = (0..1usize << bits).map(|_| Vec::new()).collect();
+    for e in keys {
+        if let Some(m) = members.get_mut(bucket_index(&e.hash, bits) as usize) {
+            m.push(e);
         }
     }
-    buckets
+    members
+        .into_iter()
+        .map(|mut m| {
+            m.sort_unstable_by_key(|e| e.hash);
+            encode_bucket(m)
+        })
+        .collect()
 }
 
 #[cfg(test)]
