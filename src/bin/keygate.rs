@@ -29,6 +29,7 @@ Usage:
       --prefix P        key prefix (default \"kg_\"; at most 64 of A-Z a-z 0-9 _ - .)
       --bytes N         random bytes from the OS CSPRNG, 16..=256 (default 24), encoded in
                         base62 (0-9A-Za-z) at a fixed width: 24 bytes give 33 characters
+      --encoding E      base62 (default) or hex (lowercase; 24 bytes give 48 digits)
       --plan NAME       the key's plan (must exist in the document's \"plans\")
       --expires T       expiry: RFC 3339 (e.g. 2027-01-01T00:00:00Z) or Unix seconds
       --scope S         scope granted, e.g. contacts:read or contacts:* (repeatable)

@@ -15,6 +15,7 @@ pub const OPTIONS: &[&str] = &[
     "--owner",
     "--prefix",
     "--bytes",
+    "--encoding",
     "--plan",
     "--expires",
     "--scope",
@@ -57,6 +58,15 @@ pub fn run(a: &Args) -> Result<(), Failure> {
                     "--bytes: {s:?} is not a number in {MIN_BYTES}..={MAX_BYTES}"
                 ))
             })?,
+    };
+    let hex = match a.one("--encoding").map_err(Failure::Usage)? {
+        None | Some("base62") => false,
+        Some("hex") => true,
+        Some(other) => {
+            return Err(Failure::Usage(format!(
+                "--encoding: {other:?} is not base62 or hex"
+            )))
+        }
     };
     let plan = a.one("--plan").map_err(Failure::Usage)?;
     let expires = a.one("--expires").map_err(Failure::Usage)?;
@@ -164,7 +174,7 @@ pub fn run(a: &Args) -> Result<(), Failure> {
         eprintln!("keygate new: warning: the key is created with status {s:?}; it will be refused as expired_key until it is active");
     }
 
-    let key = generate_key(prefix, bytes)?;
+    let key = generate_key(prefix, bytes, hex)?;
     let mut record = vec![
         ("id".to_string(), Json::str(id)),
         ("hash".into(), Json::String(sha256_hex(key.as_bytes()))),
@@ -274,12 +284,18 @@ pub fn parse_limit(s: &str) -> Option<(u64, u64)> {
 }
 
 /// prefix + `bytes` random bytes from the OS CSPRNG, base62-encoded at a fixed width (so every
-/// key of a given `--bytes` has the same length and the encoding loses no entropy).
-fn generate_key(prefix: &str, bytes: usize) -> Result<String, Failure> {
+/// key of a given `--bytes` has the same length and the encoding loses no entropy), or in
+/// lowercase hex with `--encoding hex` (for APIs that document hex keys).
+fn generate_key(prefix: &str, bytes: usize, hex: bool) -> Result<String, Failure> {
     let mut buf = vec![0u8; bytes];
     getrandom::getrandom(&mut buf)
         .map_err(|e| Failure::Error(format!("reading the OS random number generator: {e}")))?;
-    Ok(format!("{prefix}{}", base62_fixed(&buf)))
+    let body = if hex {
+        buf.iter().map(|b| format!("{b:02x}")).collect()
+    } else {
+        base62_fixed(&buf)
+    };
+    Ok(format!("{prefix}{body}"))
 }
 
 /// Base62 of the big-endian number `bytes`, left-padded with `0` to the width of the largest
