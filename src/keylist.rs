@@ -4,9 +4,11 @@
 use crate::config::{json_error, validate_limits, Limit};
 use crate::ipset::IpSet;
 use crate::time;
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
+use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 
 /// One key, resolved: everything a request needs to decide, and nothing of the key itself but
@@ -35,16 +37,40 @@ pub struct KeyList {
     pub keys: Vec<KeyEntry>,
 }
 
+/// The document without its keys: read first, so keys can be resolved as they stream by
+/// whatever the order of the fields (JSON objects have none).
 #[derive(Deserialize)]
-struct RawDoc<'a> {
+struct RawHead<'a> {
     #[serde(borrow)]
     version: Option<Cow<'a, str>>,
     #[serde(borrow)]
     owners: Option<HashMap<Cow<'a, str>, RawOwner<'a>>>,
     #[serde(borrow, default)]
     plans: HashMap<Cow<'a, str>, RawPlan>,
-    #[serde(borrow)]
-    keys: Vec<RawKey<'a>>,
+    keys: KeyCount,
+}
+
+/// Counts the keys without reading them.
+struct KeyCount(usize);
+
+impl<'de> Deserialize<'de> for KeyCount {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<KeyCount, D::Error> {
+        struct Counter;
+        impl<'de> Visitor<'de> for Counter {
+            type Value = KeyCount;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an array of keys")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<KeyCount, A::Error> {
+                let mut n = 0;
+                while seq.next_element::<IgnoredAny>()?.is_some() {
+                    n += 1;
+                }
+                Ok(KeyCount(n))
+            }
+        }
+        d.deserialize_seq(Counter)
+    }
 }
 
 #[derive(Deserialize)]
@@ -137,27 +163,76 @@ pub fn parse_hash(s: &str) -> Option<[u8; 32]> {
 /// Parses and validates a key-list document. Any error rejects the whole document; the message
 /// names the offending field by JSON path (and never contains a key, which the list cannot hold).
 pub fn parse(body: &[u8]) -> Result<KeyList, String> {
+    // Pass 1: everything but the keys (and their number).
     let de = &mut serde_json::Deserializer::from_slice(body);
-    let doc: RawDoc = serde_path_to_error::deserialize(de).map_err(json_error)?;
-
+    let head: RawHead = serde_path_to_error::deserialize(de).map_err(json_error)?;
     let mut plans: HashMap<&str, Option<&Vec<Limit>>> = HashMap::new();
-    for (name, plan) in &doc.plans {
+    for (name, plan) in &head.plans {
         if let Some(l) = &plan.rate_limits {
             validate_limits(&format!("plans.{name}.rate_limits"), l)?;
         }
         plans.insert(name.as_ref(), plan.rate_limits.as_ref());
     }
-    let owners: Option<HashSet<&str>> = doc.owners.as_ref().map(|o| {
+    let owners: Option<HashSet<&str>> = head.owners.as_ref().map(|o| {
         o.iter()
             .filter(|(_, v)| v.status.as_deref().is_none_or(|s| s == "active"))
             .map(|(k, _)| k.as_ref())
             .collect()
     });
 
-    let mut ids: HashSet<&str, Fnv> = HashSet::with_capacity_and_hasher(doc.keys.len(), Fnv);
-    let mut hashes: HashSet<[u8; 32], Fnv> = HashSet::with_capacity_and_hasher(doc.keys.len(), Fnv);
-    let mut keys = Vec::with_capacity(doc.keys.len());
-    for (i, k) in doc.keys.iter().enumerate() {
+    // Pass 2: each key resolved as it is read, so the raw form of a million keys is never held.
+    let mut resolver = Resolver {
+        plans: &plans,
+        owners: owners.as_ref(),
+        ids: HashMap::with_capacity_and_hasher(head.keys.0, Fnv),
+        id_collisions: HashSet::new(),
+        hashes: HashSet::with_capacity_and_hasher(head.keys.0, Fnv),
+        keys: Vec::with_capacity(head.keys.0),
+        error: None,
+    };
+    let mut track = serde_path_to_error::Track::new();
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    let streamed =
+        DocSeed(&mut resolver).deserialize(serde_path_to_error::Deserializer::new(de, &mut track));
+    if let Some(e) = resolver.error {
+        return Err(e);
+    }
+    streamed.map_err(|e| json_error(serde_path_to_error::Error::new(track.path(), e)))?;
+    Ok(KeyList {
+        version: head.version.map(|v| v.into_owned()),
+        keys: resolver.keys,
+    })
+}
+
+/// Validates and resolves keys one at a time.
+struct Resolver<'p> {
+    plans: &'p HashMap<&'p str, Option<&'p Vec<Limit>>>,
+    owners: Option<&'p HashSet<&'p str>>,
+    /// Ids by their FNV hash (index of the key); a genuine 64-bit collision goes to the overflow.
+    ids: HashMap<u64, usize, Fnv>,
+    id_collisions: HashSet<String>,
+    hashes: HashSet<[u8; 32], Fnv>,
+    keys: Vec<KeyEntry>,
+    /// The first validation error: reported as is, not as a JSON error.
+    error: Option<String>,
+}
+
+impl Resolver<'_> {
+    fn new_id(&mut self, id: &str) -> bool {
+        let tag = Fnv.hash_one(id);
+        match self.ids.get(&tag) {
+            None => {
+                self.ids.insert(tag, self.keys.len());
+                true
+            }
+            Some(&i) if self.keys.get(i).is_some_and(|k| k.id == id) => false,
+            Some(_) => {
+                self.id_collisions.insert(id.to_string()) && !self.keys.iter().any(|k| k.id == id)
+            }
+        }
+    }
+
+    fn add(&mut self, i: usize, k: RawKey) -> Result<(), String> {
         let field = |sub: &str| format!("keys[{i}].{sub}");
         if !valid_name(&k.id) {
             return Err(format!(
@@ -166,17 +241,18 @@ pub fn parse(body: &[u8]) -> Result<KeyList, String> {
                 k.id
             ));
         }
-        if !ids.insert(k.id.as_ref()) {
+        if !self.new_id(&k.id) {
             return Err(format!("{}: duplicate id {:?}", field("id"), k.id));
         }
+        // The bad value is not repeated: a malformed hash may be a key pasted in by mistake.
         let hash = parse_hash(&k.hash).ok_or_else(|| {
             format!(
-                "{}: not a 64-digit hex SHA-256 ({:?})",
+                "{}: not a 64-digit hex SHA-256 ({} characters)",
                 field("hash"),
-                k.hash
+                k.hash.chars().count()
             )
         })?;
-        if !hashes.insert(hash) {
+        if !self.hashes.insert(hash) {
             return Err(format!(
                 "{}: duplicate hash (key {:?})",
                 field("hash"),
@@ -195,47 +271,95 @@ pub fn parse(body: &[u8]) -> Result<KeyList, String> {
             Some(RawExpiry::Unix(t)) => Some(*t),
             Some(RawExpiry::Text(s)) => Some(time::parse_rfc3339(s).ok_or_else(|| {
                 format!(
-                    "{}: {:?} is not RFC 3339 or Unix seconds",
-                    field("expires_at"),
-                    s
+                    "{}: {s:?} is not RFC 3339 or Unix seconds",
+                    field("expires_at")
                 )
             })?),
         };
         let allowed_ips =
             IpSet::parse(&k.allowed_ips).map_err(|e| format!("{}{e}", field("allowed_ips")))?;
-        let limits = match (&k.rate_limits, &k.plan) {
-            (Some(l), _) => {
-                validate_limits(&field("rate_limits"), l)?;
-                Some(l.clone())
-            }
-            (None, Some(p)) => match plans.get(p.as_ref()) {
-                None => return Err(format!("{}: unknown plan {:?}", field("plan"), p)),
-                Some(l) => l.cloned(),
+        let plan_limits = match &k.plan {
+            None => None,
+            Some(p) => match self.plans.get(p.as_ref()) {
+                None => return Err(format!("{}: unknown plan {p:?}", field("plan"))),
+                Some(l) => *l,
             },
-            (None, None) => None,
         };
-        if let Some(p) = &k.plan {
-            if !plans.contains_key(p.as_ref()) {
-                return Err(format!("{}: unknown plan {:?}", field("plan"), p));
+        let limits = match k.rate_limits {
+            Some(l) => {
+                validate_limits(&field("rate_limits"), &l)?;
+                Some(l)
             }
-        }
-        keys.push(KeyEntry {
+            None => plan_limits.cloned(),
+        };
+        self.keys.push(KeyEntry {
             hash,
-            id: k.id.to_string(),
-            owner: k.owner.to_string(),
+            owner_valid: self.owners.is_none_or(|o| o.contains(k.owner.as_ref())),
             active: k.status.as_deref().is_none_or(|s| s == "active"),
-            owner_valid: owners.as_ref().is_none_or(|o| o.contains(k.owner.as_ref())),
+            id: k.id.into_owned(),
+            owner: k.owner.into_owned(),
             expires_at,
             allowed_ips,
-            sites: k.sites.clone(),
-            scopes: k.scopes.clone(),
+            sites: k.sites,
+            scopes: k.scopes,
             limits,
         });
+        Ok(())
     }
-    Ok(KeyList {
-        version: doc.version.map(|v| v.into_owned()),
-        keys,
-    })
+}
+
+/// The top-level object of pass 2: only `keys` is read, the rest was read in pass 1.
+struct DocSeed<'r, 'p>(&'r mut Resolver<'p>);
+
+impl<'de> DeserializeSeed<'de> for DocSeed<'_, '_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for DocSeed<'_, '_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a key-list document")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(name) = map.next_key::<Cow<'de, str>>()? {
+            if name == "keys" {
+                map.next_value_seed(KeysSeed(&mut *self.0))?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+struct KeysSeed<'r, 'p>(&'r mut Resolver<'p>);
+
+impl<'de> DeserializeSeed<'de> for KeysSeed<'_, '_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeysSeed<'_, '_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of keys")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut i = 0;
+        while let Some(raw) = seq.next_element::<RawKey<'de>>()? {
+            if let Err(e) = self.0.add(i, raw) {
+                self.0.error = Some(e);
+                return Err(serde::de::Error::custom("invalid key"));
+            }
+            i += 1;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -86,7 +86,10 @@ pub fn encode_entry(e: &KeyEntry, out: &mut Vec<u8>) {
 
 /// Encodes a bucket from entries already sorted by hash.
 pub fn encode_bucket<'a>(entries: impl IntoIterator<Item = &'a KeyEntry>) -> Vec<u8> {
-    let mut out = vec![BUCKET_LIVE];
+    let entries = entries.into_iter();
+    // A typical record is under 128 bytes: size once instead of growing record by record.
+    let mut out = Vec::with_capacity(1 + entries.size_hint().0 * 128);
+    out.push(BUCKET_LIVE);
     for e in entries {
         encode_entry(e, &mut out);
     }
