@@ -558,6 +558,31 @@ mod tests {
     }
 
     #[test]
+    fn field_order_does_not_matter_and_type_errors_name_the_key() {
+        let json = format!(
+            r#"{{"keys":[{{"id":"a","hash":"{H1}","owner":"o","plan":"p"}}],"owners":{{"o":{{}}}},"plans":{{"p":{{"rate_limits":[{{"limit":3,"window_s":9}}]}}}}}}"#
+        );
+        let l = parse(json.as_bytes()).unwrap();
+        assert_eq!(
+            l.keys[0].limits,
+            Some(vec![Limit {
+                limit: 3,
+                window_s: 9
+            }])
+        );
+        let e = parse(
+            doc(&format!(
+                r#"{{"id":"a","hash":"{H1}","owner":"o","sites":[1]}}"#
+            ))
+            .as_bytes(),
+        )
+        .unwrap_err();
+        assert!(e.contains("keys[0].sites[0]"), "{e}");
+        let e = parse(br#"{"keys":[{"id":"a"},"#).unwrap_err();
+        assert!(e.starts_with("invalid JSON"), "{e}");
+    }
+
+    #[test]
     fn escaped_strings_parse_too() {
         let l = parse(doc(&format!(r#"{{"id":"a\u0041","hash":"{H1}","owner":"o"}}"#)).as_bytes())
             .unwrap();
