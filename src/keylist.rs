@@ -31,6 +31,26 @@ pub struct KeyEntry {
     pub limits: Option<Vec<Limit>>,
 }
 
+impl KeyEntry {
+    /// An active key of owner `org` with nothing else set, for tests.
+    #[cfg(test)]
+    pub(crate) fn sample(key: &str, id: &str) -> KeyEntry {
+        use sha2::{Digest, Sha256};
+        KeyEntry {
+            hash: Sha256::digest(key.as_bytes()).into(),
+            id: id.into(),
+            owner: "org".into(),
+            active: true,
+            owner_valid: true,
+            expires_at: None,
+            allowed_ips: IpSet::default(),
+            sites: vec![],
+            scopes: vec![],
+            limits: None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct KeyList {
     pub version: Option<String>,

@@ -285,18 +285,7 @@ mod tests {
     use sha2::{Digest, Sha256};
 
     fn entry(key: &str, id: &str) -> KeyEntry {
-        KeyEntry {
-            hash: Sha256::digest(key.as_bytes()).into(),
-            id: id.into(),
-            owner: "org".into(),
-            active: true,
-            owner_valid: true,
-            expires_at: None,
-            allowed_ips: IpSet::default(),
-            sites: vec![],
-            scopes: vec![],
-            limits: None,
-        }
+        KeyEntry::sample(key, id)
     }
 
     #[test]

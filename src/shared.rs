@@ -262,24 +262,11 @@ impl SharedStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ipset::IpSet;
     use crate::keylist::KeyEntry;
     use crate::record::{bucket_index, find, Found};
 
     fn entry(i: u32) -> KeyEntry {
-        use sha2::{Digest, Sha256};
-        KeyEntry {
-            hash: Sha256::digest(format!("key{i}").as_bytes()).into(),
-            id: format!("id{i}"),
-            owner: "o".into(),
-            active: true,
-            owner_valid: true,
-            expires_at: None,
-            allowed_ips: IpSet::default(),
-            sites: vec![],
-            scopes: vec![],
-            limits: None,
-        }
+        KeyEntry::sample(&format!("key{i}"), &format!("id{i}"))
     }
 
     fn lookup<'a>(
