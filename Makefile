@@ -27,7 +27,7 @@ PYTEST_ARGS ?=
 IMAGE_DIR   := target/oci/keygate
 SYS_TOOLS   := docker-registry skopeo
 
-.PHONY: bench all deps rust-deps py-deps sys-deps build wasm cli image test unit lint fmt-check integration run clean distclean
+.PHONY: bench bench-envoy all deps rust-deps py-deps sys-deps build wasm cli image test unit lint fmt-check integration run clean distclean
 
 all: build
 
@@ -110,6 +110,24 @@ unit:
 bench: deps build
 	$(CARGO) bench --bench matchers
 	$(CARGO) bench --bench shared_memory
+	$(MAKE) bench-envoy
+
+# keygate in real Envoy under load next to router-only, Envoy's native api_key_auth +
+# local_ratelimit and an empty wasm filter; key-list load time, RSS and a 1M-key swap under load.
+# Writes bench/results.md (about 15 minutes; BENCH_ARGS=--quick for a smoke run). Needs wrk,
+# installed here with apt-get when missing.
+BENCH_ARGS ?=
+bench-envoy: py-deps wasm
+	@command -v wrk >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing wrk (apt-get)"; export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get update -qq </dev/null && apt-get install -y -qq --no-install-recommends wrk </dev/null; \
+	  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+	    echo "installing wrk (sudo apt-get)"; \
+	    sudo -n env DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null && \
+	    sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk </dev/null; \
+	  else echo "wrk is missing and cannot be installed (needs root for apt-get)" >&2; exit 1; fi; }
+	$(VENV_PY) bench/run.py $(BENCH_ARGS)
 
 lint:
 	$(CARGO) clippy --all-targets -- -D warnings

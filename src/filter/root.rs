@@ -18,6 +18,9 @@ use std::time::Duration;
 const TICK: Duration = Duration::from_millis(250);
 /// A leader that stops renewing (VM gone, thread stuck) is replaced after this long.
 const LEASE_MS: u64 = 5_000;
+/// Held across parsing and publishing a list, which blocks this thread's ticks for seconds with
+/// a million keys: a shorter lease would let another context fetch and parse the same list.
+const PUBLISH_LEASE_MS: u64 = 120_000;
 const SEQ: &str = "keygate:seq";
 
 /// What every HTTP context of this VM shares with the root.
@@ -74,8 +77,8 @@ impl Root {
         }
     }
 
-    /// Takes or renews the lease; true while this context is the instance's fetcher.
-    fn hold_lease(&mut self, now: u64) -> bool {
+    /// Takes or renews the lease for `hold_ms`; true while this context is the instance's fetcher.
+    fn hold_lease(&mut self, now: u64, hold_ms: u64) -> bool {
         let store = self.store();
         let (value, cas) = store.get(LEASE);
         let (holder, until) = value
@@ -88,7 +91,7 @@ impl Root {
             return false;
         }
         let cas = if value.is_some() { cas } else { None };
-        let lease = format!("{}:{}", self.token, now + LEASE_MS);
+        let lease = format!("{}:{}", self.token, now + hold_ms);
         store.set(LEASE, lease.as_bytes(), cas).is_ok()
     }
 
@@ -170,6 +173,7 @@ impl Root {
                 ),
             ))
         } else {
+            self.hold_lease(now, PUBLISH_LEASE_MS);
             let body = self
                 .get_http_call_response_body(0, body_size)
                 .unwrap_or_default();
@@ -256,7 +260,7 @@ impl RootContext for Root {
         self.refresh_view();
         let now = now_ms();
         let was_leader = self.leader;
-        self.leader = self.hold_lease(now);
+        self.leader = self.hold_lease(now, LEASE_MS);
         if !self.leader {
             return;
         }

@@ -1,0 +1,1018 @@
+#!/usr/bin/env python3
+"""keygate in real Envoy under load, side by side with the alternatives (`make bench`).
+
+    .venv/bin/python bench/run.py [--rounds N] [--duration S] [--quick] [--no-attribution] [--no-scale]
+
+One command, one run. Everything listens on 127.0.0.1; every process started here is stopped
+(Envoys by PID through tests/integration/harness.py, wrk by PID, the key service is a thread).
+
+Part 1 - throughput, latency and Envoy CPU per request, five configurations (a fresh Envoy 1.40,
+`--concurrency 1`, pinned to one core, for every run; wrk pinned to the other core; interleaved
+A B C D E, A B C D E, ...):
+    A  router only (passthrough)
+    B  Envoy's native api_key_auth (1,000 credentials) + local_ratelimit (x-ratelimit headers)
+    C  a wasm filter that does nothing (bench/noop): the floor of any wasm filter
+    D  keygate, realistic: 1,000 keys, x-api-key + Bearer, 100 CIDRs in ip_allow, 20 route rules,
+       per-key limits (two windows, never reached), identity headers, credential stripping
+    E  D with 1,000,000 keys
+  Upstream: a second listener of the *same* Envoy answering with a direct_response (see
+  UPSTREAM_NOTE). Figures are medians over the rounds.
+Part 1b - attribution: D without ip_allow / routes / rate limits / identity+strip, and bare.
+Part 2 - key-list scale (`--concurrency 2`): list live time and Envoy RSS for 1k/10k/100k/1M
+keys, and p99 while a 1M-key list is replaced by another 1M-key list under load.
+
+Results go to stdout and bench/results.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+import harness  # noqa: E402  (the integration tests' Envoy launcher; used as is)
+
+NOOP_MANIFEST = HERE / "noop" / "Cargo.toml"
+NOOP_WASM = HERE / "noop" / "target" / "wasm32-wasip1" / "release" / "keygate_bench_noop.wasm"
+KEYGATE_WASM = harness.WASM_PATH
+RESULTS = HERE / "results.md"
+
+BENCH_PATH = "/v1/svc9/items/42"   # matches the 20th (last) route rule of D
+BENCH_KEY_INDEX = 777              # position of the benchmark key in every generated list
+BIG = 536_870_912                  # 512 MiB: http.async_response_buffer_limit and key_list.max_bytes
+HUGE_LIMIT = 4_000_000_000         # per-key limit (u32 max is the filter's ceiling), never reached
+SWAP_AT_S = 3.0                    # the new list is put in place this long into the swap run
+LEASE_QUIET_S = 6.0                # keygate's fetch lease is 5 s; no full fetch for this long = settled
+
+UPSTREAM_NOTE = (
+    "Upstream: a second listener of the same Envoy process that answers every request with a "
+    "`direct_response` (200, 2-byte body); the router's cluster points at it over loopback. The "
+    "upstream therefore costs no extra core and is never the bottleneck, but its work (a second "
+    "HTTP/1.1 codec and connection manager) runs on the same Envoy worker and is included in every "
+    "configuration's CPU per request: it is a constant in every difference (D-A, C-A, ...) and "
+    "makes ratios to A smaller than they would be against a proxy hop alone. Row U of the "
+    "attribution table measures that upstream listener on its own.")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# key lists
+# ------------------------------------------------------------------------------------------------
+N_OWNERS = 1000
+
+
+def key_text(seed: str, i: int) -> str:
+    return "kg_" + hashlib.sha256(f"{seed}/{i}".encode()).hexdigest()[:40]
+
+
+BENCH_KEY = key_text("bench", 0)       # the key wrk sends; present in every list
+BAD_KEY = key_text("nowhere", 0)       # in no list
+
+
+def make_document(n: int, seed: str, plan_limits: list | None = None) -> bytes:
+    """A SPEC §2 document of n keys (the benchmark key at BENCH_KEY_INDEX, the others derived
+    from `seed`): 1,000 active owners, one plan with two never-reached windows, two scopes per key."""
+    if plan_limits is None:
+        plan_limits = [{"limit": HUGE_LIMIT, "window_s": 1}, {"limit": HUGE_LIMIT, "window_s": 86400}]
+    sha = hashlib.sha256
+    head = json.dumps({
+        "version": f"bench-{seed}-{n}",
+        "owners": {f"org-{o:04d}": {"status": "active"} for o in range(N_OWNERS)},
+        "plans": {"bench": {"rate_limits": plan_limits}},
+    })[:-1]
+    parts = []
+    for i in range(n):
+        if i == BENCH_KEY_INDEX:
+            parts.append('{"id":"bench-key","hash":"%s","owner":"org-0007","plan":"bench",'
+                         '"scopes":["svc9:read","svc3:*"]}' % sha(BENCH_KEY.encode()).hexdigest())
+            continue
+        h = sha(f"{seed}/{i}".encode()).hexdigest()
+        # keys derived from the seed: kg_ + first 40 hex of sha256(seed/i); the list holds the
+        # SHA-256 of that text.
+        kh = sha(("kg_" + h[:40]).encode()).hexdigest()
+        parts.append('{"id":"%s-%07d","hash":"%s","owner":"org-%04d","plan":"bench","scopes":["svc%d:read","svc%d:*"]}'
+                     % (seed, i, kh, i % N_OWNERS, i % 10, (i // 10) % 10))
+    return (head + ',"keys":[' + ",".join(parts) + "]}").encode()
+
+
+# ------------------------------------------------------------------------------------------------
+# key service: a small threaded HTTP server with ETag/304, a gate and timing of each answer
+# ------------------------------------------------------------------------------------------------
+class KeyServer:
+    """GET /v1/keys -> the current document (strong ETag, 304 on If-None-Match).
+
+    `hold()` makes requests wait (not fail) until `release()`; the time at which a 200 starts
+    being written and the time its last byte was written are recorded in `answers`."""
+
+    def __init__(self, body: bytes):
+        self._lock = threading.Lock()
+        self._gate = threading.Event()
+        self._gate.set()
+        self.answers: list[dict] = []
+        self.requests = 0
+        self.set_document(body)
+        ks = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):  # noqa: D401
+                pass
+
+            def do_GET(self):  # noqa: N802
+                with ks._lock:
+                    ks.requests += 1
+                ks._gate.wait(300)
+                with ks._lock:
+                    body, etag = ks._body, ks._etag
+                if self.path.split("?")[0] != "/v1/keys":
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if self.headers.get("If-None-Match") == etag:
+                    self.send_response(304)
+                    self.send_header("ETag", etag)
+                    self.end_headers()
+                    return
+                t0 = time.monotonic()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("ETag", etag)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                    self.wfile.flush()
+                except OSError:
+                    return
+                with ks._lock:
+                    ks.answers.append({"etag": etag, "start": t0, "sent": time.monotonic(), "bytes": len(body)})
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self._server = Server(("127.0.0.1", 0), Handler)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+        self._thread.start()
+
+    def set_document(self, body: bytes) -> None:
+        etag = '"' + hashlib.sha256(body).hexdigest() + '"'
+        with self._lock:
+            self._body, self._etag = body, etag
+
+    @property
+    def etag(self) -> str:
+        return self._etag
+
+    def hold(self) -> None:
+        self._gate.clear()
+
+    def release(self) -> float:
+        t = time.monotonic()
+        self._gate.set()
+        return t
+
+    def answer_for(self, etag: str, after: float = 0.0) -> dict | None:
+        """The first 200 answer with this ETag that started at or after `after` (monotonic)."""
+        with self._lock:
+            for a in self.answers:
+                if a["etag"] == etag and a["start"] >= after:
+                    return a
+        return None
+
+    def last_full_answer(self) -> float:
+        with self._lock:
+            return max((a["sent"] for a in self.answers), default=0.0)
+
+    def stop(self) -> None:
+        self._gate.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Envoy configurations
+# ------------------------------------------------------------------------------------------------
+def routes(n: int = 20) -> list[dict]:
+    out = []
+    for s in range(n // 2):
+        out.append({"path_prefix": f"/v1/svc{s}", "methods": ["POST", "PUT", "PATCH", "DELETE"], "scope": f"svc{s}:write"})
+        out.append({"path_prefix": f"/v1/svc{s}", "scope": f"svc{s}:read"})
+    return out
+
+
+def cidrs(n: int = 100) -> list[str]:
+    out = [f"10.{i}.0.0/16" for i in range(60)]
+    out += [f"192.0.{i}.0/24" for i in range(20)]
+    out += [f"2001:db8:{i:x}::/48" for i in range(n - len(out) - 1)]
+    out.append("127.0.0.0/8")
+    assert len(out) == n
+    return out
+
+
+def keygate_config(*, ip_allow: bool = True, routes_on: bool = True, ratelimit: bool = True,
+                   identity: bool = True, extras: bool = True, refresh_s: int = 30,
+                   timeout_ms: int = 120_000) -> dict:
+    cfg: dict[str, Any] = {
+        "key_list": {"cluster": "keyservice", "path": "/v1/keys", "refresh_s": refresh_s,
+                     "timeout_ms": timeout_ms, "max_bytes": BIG},
+        "credentials": [{"header": "x-api-key"}, {"header": "authorization", "scheme": "Bearer"}],
+    }
+    if extras:
+        cfg["key_prefixes"] = ["kg_"]
+        cfg["exempt"] = [{"preflight": True}, {"method": "GET", "path_exact": "/healthz"}]
+        cfg["client_ip"] = {"xff_trusted_hops": 0}
+        cfg["invalid_key_limit"] = {"limit": 1000, "window_s": 60}
+    if ip_allow:
+        cfg["ip_allow"] = cidrs()
+    if routes_on:
+        cfg["routes"] = routes()
+    if ratelimit:
+        cfg["rate_limit"] = {"default": [{"limit": HUGE_LIMIT, "window_s": 60}], "headers": "x-ratelimit"}
+    cfg["upstream"] = ({"strip_credential": True, "key_id_header": "x-api-key-id", "owner_header": "x-api-key-owner"}
+                       if identity else {"strip_credential": False, "key_id_header": None, "owner_header": None})
+    return cfg
+
+
+def native_filters(n_keys: int = 1000) -> list[dict]:
+    creds = [{"key": BENCH_KEY, "client": "bench-key"}]
+    creds += [{"key": key_text("native", i), "client": f"client-{i:04d}"} for i in range(1, n_keys)]
+    return [
+        {"name": "envoy.filters.http.api_key_auth",
+         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.api_key_auth.v3.ApiKeyAuth",
+                          "credentials": creds,
+                          "key_sources": [{"header": "x-api-key"}, {"header": "authorization"}],
+                          "forwarding": {"header": "x-api-key-owner", "hide_credentials": True}}},
+        {"name": "envoy.filters.http.local_ratelimit",
+         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+                          "stat_prefix": "bench_rl",
+                          "token_bucket": {"max_tokens": HUGE_LIMIT, "tokens_per_fill": HUGE_LIMIT, "fill_interval": "1s"},
+                          "filter_enabled": {"runtime_key": "bench_rl_enabled",
+                                             "default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+                          "filter_enforced": {"runtime_key": "bench_rl_enforced",
+                                              "default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+                          "enable_x_ratelimit_headers": "DRAFT_VERSION_03"}},
+    ]
+
+
+def upstream_listener(port: int) -> dict:
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "fake_upstream",
+        "codec_type": "AUTO",
+        "route_config": {"name": "fake_upstream", "virtual_hosts": [{
+            "name": "all", "domains": ["*"],
+            "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}}]}]},
+        "http_filters": [{"name": "envoy.filters.http.router",
+                          "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+    }
+    return {"name": "fake_upstream",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}]}
+
+
+class Spec:
+    """One Envoy configuration to benchmark."""
+
+    def __init__(self, name: str, title: str, kind: str, *, plugin: dict | None = None,
+                 doc: str | None = None, keys: int = 0, target: str = "main"):
+        self.name, self.title, self.kind = name, title, kind
+        self.plugin, self.doc, self.keys, self.target = plugin, doc, keys, target
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, workdir: Path, cpus: tuple[int, int] | None):
+        self.args = args
+        self.workdir = workdir
+        self.cpus = cpus
+        self.docs: dict[str, bytes] = {}
+        self.ks: KeyServer | None = None
+
+    # ---- documents ------------------------------------------------------------------------
+    def doc(self, name: str) -> bytes:
+        if name not in self.docs:
+            n, seed, variant = {
+                "1k": (1_000, "a", None), "1k-nolimits": (1_000, "a", "nolimits"),
+                "10k": (10_000, "a", None), "100k": (100_000, "a", None),
+                "1m": (1_000_000, "a", None), "1m-b": (1_000_000, "b", None),
+            }[name]
+            t = time.monotonic()
+            self.docs[name] = make_document(n, seed, [] if variant == "nolimits" else None)
+            log(f"generated key list {name}: {n:,} keys, {len(self.docs[name]) / 1e6:.1f} MB "
+                f"in {time.monotonic() - t:.1f}s")
+        return self.docs[name]
+
+    def keyserver(self, doc: str) -> KeyServer:
+        body = self.doc(doc)
+        if self.ks is None:
+            self.ks = KeyServer(body)
+        else:
+            self.ks.set_document(body)
+        return self.ks
+
+    # ---- Envoy ----------------------------------------------------------------------------
+    def start(self, spec: Spec, concurrency: int = 1, **kw: Any) -> harness.Envoy:
+        up_port = harness.free_port()
+
+        def hook(boot: dict) -> None:
+            boot["static_resources"]["listeners"].append(upstream_listener(up_port))
+            if spec.kind == "native":
+                hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+                hcm["http_filters"][:0] = native_filters()
+
+        common = dict(concurrency=concurrency, bootstrap_hook=hook, log_level="info",
+                      ready_timeout=60, **kw)
+        if spec.kind in ("router", "native"):
+            env = harness.start_envoy(None, None, up_port, wasm=False, **common)
+        elif spec.kind == "noop":
+            env = harness.start_envoy("", None, up_port, wasm_path=NOOP_WASM, vm_id="noop", **common)
+        else:
+            ks = self.keyserver(spec.doc)
+            env = harness.start_envoy(spec.plugin, ks.port, up_port,
+                                      runtime={"http.async_response_buffer_limit": BIG}, **common)
+        env.upstream_port = up_port  # type: ignore[attr-defined]
+        return env
+
+    def wait_loaded(self, env: harness.Envoy, keys: int, timeout: float = 300) -> float:
+        """Until the list is published and the benchmark key accepted, and no VM has fetched the
+        full list for LEASE_QUIET_S (with a big list, a second VM takes the 5 s lease over while the
+        first one is still parsing and fetches and parses it again: wait that out too)."""
+        t = time.monotonic()
+        while True:
+            harness.wait_until(lambda: env.stat("keygate_keys_loaded") == keys, timeout, 0.1,
+                               f"keygate_keys_loaded == {keys}")
+            harness.wait_until(lambda: all(self.probe(env, BENCH_KEY) == 200 for _ in range(4)), 120, 0.05,
+                               "the benchmark key accepted")
+            quiet_for = time.monotonic() - self.ks.last_full_answer() if self.ks else 1e9
+            if quiet_for >= LEASE_QUIET_S:
+                return time.monotonic() - t
+            if time.monotonic() - t > timeout:
+                raise RuntimeError("the key list keeps being fetched")
+            time.sleep(LEASE_QUIET_S - quiet_for + 0.1)
+
+    @staticmethod
+    def probe(env: harness.Envoy, key: str | None, port: int | None = None, timeout: float = 30) -> int:
+        hdrs = {"x-api-key": key} if key else {}
+        return harness.http_request("127.0.0.1", port or env.port, "GET", BENCH_PATH, hdrs, timeout=timeout).status
+
+    def sanity(self, spec: Spec, env: harness.Envoy) -> None:
+        r = harness.http_request("127.0.0.1", env.port, "GET", BENCH_PATH, {"x-api-key": BENCH_KEY}, timeout=5)
+        if r.status != 200 or r.body != b"ok":
+            raise RuntimeError(f"{spec.name}: the benchmark request got {r.status} {r.body[:200]!r}")
+        if spec.kind in ("native", "keygate"):
+            bad = self.probe(env, BAD_KEY)
+            if bad != 401:
+                raise RuntimeError(f"{spec.name}: an unknown key got {bad}, expected 401 (filter not active?)")
+            want = "x-ratelimit-limit"
+            if (spec.kind == "native" or (spec.plugin or {}).get("rate_limit")) and want not in r.headers:
+                raise RuntimeError(f"{spec.name}: no {want} header on an allowed response: {r.headers}")
+        if spec.kind == "keygate":
+            fails = env.wasm_failures()
+            if fails:
+                raise RuntimeError(f"{spec.name}: wasm failures: {fails[:3]}")
+
+    # ---- load -----------------------------------------------------------------------------
+    def lua(self) -> Path:
+        p = self.workdir / "bench.lua"
+        if not p.exists():
+            p.write_text(f"""
+wrk.method = "GET"
+wrk.path = "{BENCH_PATH}"
+wrk.headers["x-api-key"] = "{BENCH_KEY}"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('KEYGATE_BENCH {{"requests":%d,"duration_us":%d,"bytes":%d,"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d,"p50":%d,"p90":%d,"p99":%d,"p999":%d,"max":%d,"mean":%.1f}}\\n',
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency:percentile(99.9),
+    latency.max, latency.mean))
+end
+""")
+        return p
+
+    def wrk(self, port: int, duration: float, timeout_s: int = 5) -> dict:
+        cmd = ["wrk", "-t", "1", "-c", str(self.args.connections), "-d", f"{max(1, round(duration))}s",
+               "--latency", "--timeout", f"{timeout_s}s", "-s", str(self.lua()), f"http://127.0.0.1:{port}"]
+        if self.cpus:
+            cmd = ["taskset", "-c", str(self.cpus[1])] + cmd
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=duration + 60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise RuntimeError("wrk did not finish in time")
+        m = re.search(r"KEYGATE_BENCH (\{.*\})", out)
+        if proc.returncode != 0 or not m:
+            raise RuntimeError(f"wrk failed (rc {proc.returncode}):\n{out[-2000:]}")
+        res = json.loads(m.group(1))
+        res["errors"] = res["connect"] + res["read"] + res["write"] + res["timeout"]
+        res["rps"] = res["requests"] / (res["duration_us"] / 1e6)
+        return res
+
+    @staticmethod
+    def cpu_ns(pid: int) -> int:
+        total = 0
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                total += int((task / "schedstat").read_text().split()[0])
+            except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+                pass
+        return total
+
+    def busy_s(self) -> float:
+        """CPU seconds the two benchmark CPUs (or all, unpinned) spent busy, from /proc/stat."""
+        want = {f"cpu{c}" for c in self.cpus} if self.cpus else {"cpu"}
+        total = 0
+        for line in Path("/proc/stat").read_text().splitlines():
+            f = line.split()
+            if f and f[0] in want:
+                user, nice, system, _idle, _iowait, irq, softirq = map(int, f[1:8])
+                total += user + nice + system + irq + softirq
+        return total / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def own_s() -> tuple[float, float]:
+        """(this process, its reaped children) CPU seconds: the runner and the key service, wrk."""
+        s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return s.ru_utime + s.ru_stime, c.ru_utime + c.ru_stime
+
+    def quiet(self, wait: float) -> float:
+        """Share of the benchmark CPUs used by processes that are not ours over half a second; waits
+        (up to `wait` seconds) for it to fall under 10%. Returns the last sample."""
+        deadline = time.monotonic() + wait
+        while True:
+            b0, (s0, _), t0 = self.busy_s(), self.own_s(), time.monotonic()
+            time.sleep(0.5)
+            b1, (s1, _), t1 = self.busy_s(), self.own_s(), time.monotonic()
+            n = len(self.cpus) if self.cpus else (os.cpu_count() or 1)
+            other = max(0.0, (b1 - b0) - (s1 - s0)) / ((t1 - t0) * n)
+            if other < 0.10 or time.monotonic() >= deadline:
+                return other
+            log(f"other processes use {other * 100:.0f}% of the benchmark CPUs; waiting for a quiet machine")
+
+    def measure(self, env: harness.Envoy, port: int | None = None, duration: float | None = None) -> dict:
+        port = port or env.port
+        if self.args.warmup > 0:
+            self.wrk(port, self.args.warmup)
+        pid = env.proc.pid
+        b0, (s0, w0) = self.busy_s(), self.own_s()
+        c0, t0 = self.cpu_ns(pid), time.monotonic()
+        res = self.wrk(port, duration or self.args.duration)
+        c1, t1 = self.cpu_ns(pid), time.monotonic()
+        b1, (s1, w1) = self.busy_s(), self.own_s()
+        res["cpu_us_per_req"] = (c1 - c0) / 1e3 / max(1, res["requests"])
+        res["cpu_util"] = (c1 - c0) / 1e9 / (t1 - t0)
+        res["wrk_util"] = (w1 - w0) / (t1 - t0)
+        n = len(self.cpus) if self.cpus else (os.cpu_count() or 1)
+        other = (b1 - b0) - (c1 - c0) / 1e9 - (w1 - w0) - (s1 - s0)
+        res["other_load"] = max(0.0, other) / ((t1 - t0) * n)
+        return res
+
+    def run_one(self, spec: Spec) -> dict:
+        if self.args.wait_quiet > 0:
+            self.quiet(self.args.wait_quiet)
+        env = self.start(spec)
+        try:
+            if spec.kind == "keygate":
+                spec_load = self.wait_loaded(env, spec.keys)
+            else:
+                spec_load = 0.0
+            self.sanity(spec, env)
+            port = env.upstream_port if spec.target == "upstream" else env.port  # type: ignore[attr-defined]
+            res = self.measure(env, port)
+            res["load_s"] = spec_load
+            if spec.kind == "keygate":
+                ks = env.keygate_stats()
+                res["keygate_allowed"] = ks.get("keygate_allowed", 0)
+                refused = sum(v for k, v in ks.items() if k in (
+                    "keygate_missing_key", "keygate_invalid_key", "keygate_expired_key", "keygate_forbidden",
+                    "keygate_ip_denied", "keygate_rate_limited", "keygate_unavailable"))
+                res["keygate_refused"] = refused
+                fails = env.wasm_failures()
+                if fails:
+                    raise RuntimeError(f"{spec.name}: wasm failures during load: {fails[:3]}")
+            return res
+        finally:
+            env.stop()
+
+    def rounds(self, specs: list[Spec], n: int, label: str) -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = {s.name: [] for s in specs}
+        for r in range(n):
+            for s in specs:
+                res = self.run_one(s)
+                out[s.name].append(res)
+                bad = res["status"] + res["errors"]
+                log(f"{label} round {r + 1}/{n} {s.name:>10}: {res['rps']:9.0f} req/s  p50 {res['p50'] / 1e3:6.3f} ms  "
+                    f"p99 {res['p99'] / 1e3:6.3f} ms  CPU {res['cpu_us_per_req']:6.2f} us/req  "
+                    f"Envoy {res['cpu_util'] * 100:3.0f}% wrk {res['wrk_util'] * 100:3.0f}% other {res['other_load'] * 100:3.0f}%"
+                    + (f"  NON-2xx/ERRORS {bad}" if bad else "")
+                    + (f"  (list loaded in {res['load_s']:.1f}s)" if res.get("load_s") else ""))
+        return out
+
+    # ---- part 2: key-list scale -----------------------------------------------------------
+    def vm_kb(self, pid: int, field: str) -> int:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        return 0
+
+    def scale_one(self, docname: str, keys: int) -> dict:
+        ks = self.keyserver(docname)
+        etag = ks.etag
+        ks.hold()
+        spec = Spec("scale", "", "keygate", plugin=keygate_config(), doc=docname, keys=keys)
+        env = self.start(spec, concurrency=2)
+        try:
+            pid = env.proc.pid
+            # the first fetch waits on the held key service; idle a moment for a clean baseline
+            harness.wait_until(lambda: ks.requests > 0, 20, 0.05, "the first key-list request")
+            time.sleep(0.5)
+            rss_before = self.vm_kb(pid, "VmRSS")
+            answers_before = len(ks.answers)
+            wall_answer = time.time()
+            t_answer = ks.release()
+            live = None
+            slowest = 0.0
+            while time.monotonic() < t_answer + 300 and live is None:
+                t0 = time.monotonic()
+                try:
+                    ok = self.probe(env, BENCH_KEY) == 200
+                except Exception:  # noqa: BLE001
+                    ok = False
+                t1 = time.monotonic()
+                slowest = max(slowest, t1 - t0)
+                if ok:
+                    live = t1
+                time.sleep(0.02)
+            if live is None:
+                raise RuntimeError(f"{docname}: list not live within 300s")
+            # keep probing a while: a request that hangs shows a worker blocked by a fetch
+            while time.monotonic() < t_answer + 20 and keys >= 1_000_000:
+                t0 = time.monotonic()
+                try:
+                    self.probe(env, BENCH_KEY)
+                except Exception:  # noqa: BLE001
+                    pass
+                slowest = max(slowest, time.monotonic() - t0)
+                time.sleep(0.02)
+            harness.wait_until(lambda: env.stat("keygate_keys_loaded") == keys, 60, 0.1, "keygate_keys_loaded")
+            ans = ks.answer_for(etag, after=t_answer - 0.5) or {}
+            # RSS once things settled: 1.5 s after live and no full fetch for LEASE_QUIET_S
+            time.sleep(1.5)
+            harness.wait_until(lambda: time.monotonic() - ks.last_full_answer() >= LEASE_QUIET_S, 120, 0.2,
+                               "no more fetches of the list")
+            pubs = [(t - wall_answer, who) for t, who in self.publishers(env)]
+            res = {
+                "keys": keys, "bytes": len(self.doc(docname)),
+                "sent_s": ans.get("sent", t_answer) - t_answer,
+                "published": pubs, "live_s": live - t_answer,
+                "rss_before_kb": rss_before, "rss_kb": self.vm_kb(pid, "VmRSS"), "hwm_kb": self.vm_kb(pid, "VmHWM"),
+                "answers_200": len(ks.answers) - answers_before,
+                "slowest_probe_s": slowest,
+            }
+            if env.wasm_failures():
+                raise RuntimeError(f"{docname}: wasm failures: {env.wasm_failures()[:3]}")
+            return res
+        finally:
+            env.stop()
+
+    @staticmethod
+    def publishers(env: harness.Envoy) -> list[tuple[float, str]]:
+        """(wall-clock time, 'main' or 'worker') of each 'key list ... published' log line: when,
+        and on which Envoy thread, a VM finished publishing a list."""
+        out = []
+        for line in env.log().splitlines():
+            if "published" in line and "keygate" in line:
+                m = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)\]\[(\d+)\]", line)
+                if m:
+                    t = dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp()
+                    out.append((t, "main" if int(m.group(2)) == env.proc.pid else "worker"))
+        return out
+
+    def swap(self) -> dict:
+        """p99 under load while the 1M-key list is replaced by another 1M-key list."""
+        ks = self.keyserver("1m")
+        self.doc("1m-b")
+        spec = Spec("swap", "", "keygate", plugin=keygate_config(refresh_s=1), doc="1m", keys=1_000_000)
+        if self.args.wait_quiet > 0:
+            self.quiet(self.args.wait_quiet)
+        env = self.start(spec, concurrency=2)
+        out: dict[str, Any] = {}
+        try:
+            self.wait_loaded(env, 1_000_000)
+            # only in list b / only in list a; i % 10 == 9 holds the scope svc9:read the path needs
+            probe_new, probe_old = key_text("b", 9), key_text("a", 9)
+            if self.probe(env, probe_new) != 401:
+                raise RuntimeError("swap: a key of the second list is accepted before the swap")
+            n_pub_before = len(self.publishers(env))
+            out["before"] = self.measure(env)
+            # the swap run: the new document is served SWAP_AT_S into it; keygate asks within 1 s
+            dur = self.args.swap_duration
+            answers_before = len(ks.answers)
+            result: dict = {}
+
+            def load():
+                try:
+                    result["r"] = self.measure_nowarm(env, dur, timeout_s=60)
+                except Exception as e:  # noqa: BLE001
+                    result["error"] = e
+
+            th = threading.Thread(target=load)
+            th.start()
+            time.sleep(SWAP_AT_S)
+            t_swap = time.monotonic()
+            ks.set_document(self.doc("1m-b"))
+            wall_swap = time.time()
+            etag_b = ks.etag
+            live = None
+            slowest = 0.0
+            while th.is_alive() or live is None:
+                if time.monotonic() > t_swap + dur + 120:
+                    break
+                t0 = time.monotonic()
+                try:
+                    ok = self.probe(env, probe_new, timeout=60) == 200
+                except Exception:  # noqa: BLE001
+                    ok = False
+                t1 = time.monotonic()
+                if t1 < t_swap + dur:
+                    slowest = max(slowest, t1 - t0)
+                if ok and live is None:
+                    live = t1
+                time.sleep(0.05)
+            th.join(dur + 120)
+            if "error" in result:
+                raise result["error"]
+            res = result["r"]
+            ans = ks.answer_for(etag_b) or {}
+            res["swap_asked_s"] = (ans["start"] - t_swap) if ans else None
+            res["swap_live_s"] = (live - ans["start"]) if (live and ans) else None
+            res["swap_inside_window"] = bool(live) and live < res["t_end"]
+            res["slowest_probe_s"] = slowest
+            out["during"] = res
+            harness.wait_until(lambda: time.monotonic() - ks.last_full_answer() >= LEASE_QUIET_S, 120, 0.2,
+                               "no more fetches of the new list")
+            harness.wait_until(lambda: all(self.probe(env, BENCH_KEY) == 200 for _ in range(4)), 120, 0.1)
+            if self.probe(env, probe_old) != 401:
+                raise RuntimeError("swap: a key of the old list is still accepted after the swap")
+            out["after"] = self.measure(env)
+            out["answers_200"] = len(ks.answers) - answers_before
+            wall_answer = wall_swap + (res["swap_asked_s"] or 0.0)
+            out["publishers"] = [(t - wall_answer, who) for t, who in self.publishers(env)[n_pub_before:]]
+            out["publishers_before"] = n_pub_before
+            out["rss_kb"] = self.vm_kb(env.proc.pid, "VmRSS")
+            out["hwm_kb"] = self.vm_kb(env.proc.pid, "VmHWM")
+            if env.wasm_failures():
+                raise RuntimeError(f"swap: wasm failures: {env.wasm_failures()[:3]}")
+            return out
+        finally:
+            env.stop()
+
+    def measure_nowarm(self, env: harness.Envoy, duration: float, timeout_s: int) -> dict:
+        pid = env.proc.pid
+        b0, (s0, w0) = self.busy_s(), self.own_s()
+        c0, t0 = self.cpu_ns(pid), time.monotonic()
+        res = self.wrk(env.port, duration, timeout_s=timeout_s)
+        c1, t1 = self.cpu_ns(pid), time.monotonic()
+        b1, (s1, w1) = self.busy_s(), self.own_s()
+        res["cpu_us_per_req"] = (c1 - c0) / 1e3 / max(1, res["requests"])
+        n = len(self.cpus) if self.cpus else (os.cpu_count() or 1)
+        res["other_load"] = max(0.0, (b1 - b0) - (c1 - c0) / 1e9 - (w1 - w0) - (s1 - s0)) / ((t1 - t0) * n)
+        res["t_end"] = t1
+        return res
+
+
+# ------------------------------------------------------------------------------------------------
+# reporting
+# ------------------------------------------------------------------------------------------------
+def pubs_text(pubs: list[tuple[float, str]]) -> str:
+    return ", ".join(f"{t:.2f} ({who})" for t, who in pubs) or "?"
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+def med(rs: list[dict], k: str) -> float:
+    return statistics.median(r[k] for r in rs)
+
+
+def spread(rs: list[dict], k: str) -> str:
+    vals = [r[k] for r in rs]
+    return f"{min(vals):.2f}–{max(vals):.2f}" if len(vals) > 1 else f"{vals[0]:.2f}"
+
+
+def fmt_ratio(x: float) -> str:
+    return f"{x:.2f}×"
+
+
+def main_table(specs: list[Spec], res: dict[str, list[dict]], base: str = "A") -> list[str]:
+    a = res[base]
+    lines = ["| config | req/s | p50 ms | p99 ms | Envoy CPU µs/req (min–max) | req/s ÷ A | p50 ÷ A | p99 ÷ A | CPU ÷ A | Envoy CPU use | other load (max) | non-2xx/errors |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in specs:
+        r = res[s.name]
+        bad = sum(x["status"] + x["errors"] for x in r)
+        lines.append(
+            f"| **{s.name}** {s.title} | {med(r, 'rps'):,.0f} | {med(r, 'p50') / 1e3:.3f} | {med(r, 'p99') / 1e3:.3f} | "
+            f"{med(r, 'cpu_us_per_req'):.2f} ({spread(r, 'cpu_us_per_req')}) | "
+            f"{fmt_ratio(med(r, 'rps') / med(a, 'rps'))} | {fmt_ratio(med(r, 'p50') / med(a, 'p50'))} | "
+            f"{fmt_ratio(med(r, 'p99') / med(a, 'p99'))} | {fmt_ratio(med(r, 'cpu_us_per_req') / med(a, 'cpu_us_per_req'))} | "
+            f"{med(r, 'cpu_util') * 100:.0f}% | {max(x['other_load'] for x in r) * 100:.0f}% | {bad} |")
+    return lines
+
+
+def rounds_table(specs: list[Spec], res: dict[str, list[dict]]) -> list[str]:
+    n = max(len(v) for v in res.values())
+    lines = ["| config | " + " | ".join(f"round {i + 1}" for i in range(n)) + " |",
+             "|---|" + "---|" * n]
+    for s in specs:
+        cells = [f"{r['rps']:,.0f}, {r['p99'] / 1e3:.3f}, {r['cpu_us_per_req']:.2f}, {r['other_load'] * 100:.0f}%"
+                 for r in res[s.name]]
+        lines.append(f"| {s.name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    for tool in ("wrk", "cargo"):
+        if not shutil.which(tool):
+            log(f"{tool} not found (make bench installs wrk with apt-get)")
+            return 2
+    if not KEYGATE_WASM.exists():
+        log(f"{KEYGATE_WASM} is missing: run `make build`")
+        return 2
+    log("building bench/noop (wasm32-wasip1, release)")
+    subprocess.run(["cargo", "build", "--quiet", "--release", "--target", "wasm32-wasip1",
+                    "--manifest-path", str(NOOP_MANIFEST)], check=True, cwd=REPO)
+
+    # Pinning: Envoy on the first CPU we may use, wrk (and this runner, the key service) on the second.
+    allowed = sorted(os.sched_getaffinity(0))
+    cpus = (allowed[0], allowed[1]) if len(allowed) >= 2 else None
+    workdir = Path(tempfile.mkdtemp(prefix="keygate-bench-"))
+    real_envoy = harness.envoy_binary()
+    if cpus:
+        wrapper = workdir / "envoy-pinned"
+        wrapper.write_text(f'#!/bin/sh\nexec taskset -c {cpus[0]} "{real_envoy}" "$@"\n')
+        wrapper.chmod(0o755)
+        os.environ["KEYGATE_ENVOY"] = str(wrapper)
+        os.sched_setaffinity(0, {cpus[1]})
+    else:
+        log("only one CPU available: nothing is pinned, figures will be noisy")
+    envoy_version = subprocess.run([real_envoy, "--version"], capture_output=True, text=True).stdout.strip().split("version:")[-1].strip()
+
+    bench = Bench(args, workdir, cpus)
+    sections = args.sections
+    md: list[str] = []
+    try:
+        initial_other = bench.quiet(args.wait_quiet)
+        if initial_other > 0.10:
+            log(f"WARNING: other processes use {initial_other * 100:.0f}% of the benchmark CPUs; figures will be inflated")
+        md += [f"# keygate benchmark results", "",
+               f"Generated by `bench/run.py` ({'quick smoke run' if args.quick else 'full run'}, sections "
+               f"{', '.join(sections)}) on {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}: Envoy {envoy_version}, "
+               f"{cpu_model()}, {os.cpu_count()} CPUs, Envoy pinned to CPU {cpus[0] if cpus else '-'}, wrk (and "
+               f"the runner with its key service) to CPU {cpus[1] if cpus else '-'}. "
+               f"{args.duration:g} s per run after a {args.warmup:g} s warm-up, `wrk -t1 -c{args.connections} --latency`, "
+               f"one key (`x-api-key`) on `GET {BENCH_PATH}`; a fresh Envoy per run.", "",
+               UPSTREAM_NOTE, "",
+               "*Other load* is the share of the two benchmark CPUs used during a measured run by processes "
+               "other than Envoy, wrk and the runner (from `/proc/stat`); anything above a few percent means "
+               "the machine was shared and the figures are inflated.", ""]
+        if initial_other > 0.10:
+            md += [f"**Warning:** before the run, other processes used {initial_other * 100:.0f}% of the benchmark CPUs.", ""]
+
+        if "main" in sections:
+            specs = [
+                Spec("A", "router only", "router"),
+                Spec("B", "native api_key_auth (1k) + local_ratelimit", "native"),
+                Spec("C", "noop wasm", "noop"),
+                Spec("D", "keygate, 1k keys", "keygate", plugin=keygate_config(), doc="1k", keys=1_000),
+                Spec("E", "keygate, 1M keys", "keygate", plugin=keygate_config(), doc="1m", keys=1_000_000),
+            ]
+            for s in specs:
+                if s.doc:
+                    bench.doc(s.doc)
+            log(f"part 1: {len(specs)} configurations x {args.rounds} rounds, {args.duration}s each "
+                f"(+{args.warmup}s warm-up), wrk -t1 -c{args.connections}")
+            res = bench.rounds(specs, args.rounds, "main")
+
+            def cpu(name: str, r: dict = res) -> float:
+                return med(r[name], "cpu_us_per_req")
+
+            A, C, D, E = cpu("A"), cpu("C"), cpu("D"), cpu("E")
+            derived = {
+                "C-A": C - A, "D-A": D - A, "D-C": D - C, "E-A": E - A, "E-D": E - D, "B-A": cpu("B") - A,
+                "(D-A)/(C-A)": (D - A) / (C - A) if C != A else float("nan"),
+                "(E-A)/(D-A)": (E - A) / (D - A) if D != A else float("nan"),
+            }
+            sec = [f"## 1. Per-request cost (`--concurrency 1`, medians over {args.rounds} interleaved rounds)", ""]
+            sec += main_table(specs, res)
+            sec += ["",
+                    "- CPU per request = Δ(sum of the first field of `/proc/<envoy>/task/*/schedstat`) over the "
+                    "measured wrk run ÷ requests wrk completed (all Envoy threads, idle ones included). "
+                    "*Envoy CPU use*: the same Δ ÷ wall time (100% = the pinned core).",
+                    f"- wasm floor C−A = **{derived['C-A']:.2f} µs**; keygate D−A = **{derived['D-A']:.2f} µs** "
+                    f"(D−C = {derived['D-C']:.2f} µs above the floor); native B−A = {derived['B-A']:.2f} µs; "
+                    f"1M vs 1k keys E−D = {derived['E-D']:+.2f} µs.",
+                    f"- **(D−A)/(C−A) = {derived['(D-A)/(C-A)']:.2f}** (keygate's cost in units of an empty wasm filter); "
+                    f"**(E−A)/(D−A) = {derived['(E-A)/(D-A)']:.2f}** (1M keys relative to 1k keys).",
+                    f"- E: the 1M-key list took {statistics.median(r['load_s'] for r in res['E']):.1f} s (median) from "
+                    f"Envoy ready to the benchmark key being accepted, before each run's warm-up.",
+                    "", "Per round (req/s, p99 ms, CPU µs/req, other load):", ""]
+            sec += rounds_table(specs, res)
+            sec.append("")
+            print("\n".join(sec), flush=True)
+            md += sec
+
+        if "attribution" in sections:
+            att = [
+                Spec("D", "keygate as in D", "keygate", plugin=keygate_config(), doc="1k", keys=1_000),
+                Spec("D-ip", "D without ip_allow", "keygate", plugin=keygate_config(ip_allow=False), doc="1k", keys=1_000),
+                Spec("D-routes", "D without routes", "keygate", plugin=keygate_config(routes_on=False), doc="1k", keys=1_000),
+                Spec("D-rl", "D without rate limits (none in config or list)", "keygate",
+                     plugin=keygate_config(ratelimit=False), doc="1k-nolimits", keys=1_000),
+                Spec("D-ident", "D without identity headers and stripping", "keygate",
+                     plugin=keygate_config(identity=False), doc="1k", keys=1_000),
+                Spec("D-bare", "keys only: x-api-key/Bearer lookup, nothing else", "keygate",
+                     plugin=keygate_config(ip_allow=False, routes_on=False, ratelimit=False, identity=False, extras=False),
+                     doc="1k-nolimits", keys=1_000),
+                Spec("A", "router only", "router"),
+                Spec("C", "noop wasm", "noop"),
+                Spec("U", "wrk straight at the direct_response upstream listener", "router", target="upstream"),
+            ]
+            log(f"part 1b: attribution, {len(att)} configurations x {args.attribution_rounds} rounds")
+            ares = bench.rounds(att, args.attribution_rounds, "attribution")
+            aD = med(ares["D"], "cpu_us_per_req")
+            aA = med(ares["A"], "cpu_us_per_req")
+            aC = med(ares["C"], "cpu_us_per_req")
+            sec = ["## 1b. Where keygate's time goes (attribution, medians)", "",
+                   "Each row removes one feature from D (same 1k-key list, same request). "
+                   "\"Saved\" is D's CPU per request minus the row's: the cost of that feature on this request.", "",
+                   "| config | req/s | p99 ms | CPU µs/req (min–max) | saved vs D µs | − A µs | other load (max) | non-2xx/errors |",
+                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            for s in att:
+                r = ares[s.name]
+                c = med(r, "cpu_us_per_req")
+                bad = sum(x["status"] + x["errors"] for x in r)
+                sec.append(f"| **{s.name}** {s.title} | {med(r, 'rps'):,.0f} | {med(r, 'p99') / 1e3:.3f} | "
+                           f"{c:.2f} ({spread(r, 'cpu_us_per_req')}) | {aD - c:+.2f} | {c - aA:+.2f} | "
+                           f"{max(x['other_load'] for x in r) * 100:.0f}% | {bad} |")
+            bare = med(ares["D-bare"], "cpu_us_per_req")
+            uu = med(ares["U"], "cpu_us_per_req")
+            sec += ["",
+                    f"- In this section: A = {aA:.2f}, C = {aC:.2f} (floor C−A = {aC - aA:.2f}), D = {aD:.2f} µs; "
+                    f"the bare lookup D-bare costs {bare - aC:+.2f} µs over the noop filter, "
+                    f"the configured features together {aD - bare:+.2f} µs over D-bare.",
+                    f"- U (upstream listener alone, no proxy hop) = {uu:.2f} µs/req, so the proxy hop itself (A − U) "
+                    f"≈ {aA - uu:.2f} µs; relative to that hop alone D adds {(aD - aA) / max(1e-9, aA - uu) * 100:.0f}%.",
+                    "", "Per round (req/s, p99 ms, CPU µs/req, other load):", ""]
+            sec += rounds_table(att, ares)
+            sec.append("")
+            print("\n".join(sec), flush=True)
+            md += sec
+
+        if "scale" in sections:
+            sizes = [("1k", 1_000), ("10k", 10_000), ("100k", 100_000), ("1m", 1_000_000)]
+            log("part 2: key-list scale (--concurrency 2)")
+            sc = []
+            for name, n in sizes:
+                if args.wait_quiet > 0:
+                    bench.quiet(args.wait_quiet)
+                r = bench.scale_one(name, n)
+                sc.append(r)
+                log(f"scale {n:>9,} keys: body sent {r['sent_s']:.2f}s, published {pubs_text(r['published'])}, "
+                    f"live {r['live_s']:.2f}s, RSS {r['rss_kb'] / 1024:.0f} MiB (peak {r['hwm_kb'] / 1024:.0f} MiB, "
+                    f"before {r['rss_before_kb'] / 1024:.0f} MiB), full fetches {r['answers_200']}")
+            sec = ["## 2. Key-list scale (`--concurrency 2`, Envoy pinned to one CPU)", "",
+                   "The key service holds the first fetch until Envoy is ready and idle, then answers; times "
+                   "are from the moment it starts answering. *Live*: the first probe request with a key of the "
+                   "list answered 200 (time of the answer; probes every 20 ms on fresh connections, continued for "
+                   "20 s for the 1M list; *slowest probe*: the longest any of them waited, i.e. a worker blocked). "
+                   "*Published*: the timestamp of each `key list ... published` line in Envoy's log and the thread "
+                   "(main or worker) whose VM fetched, parsed and published. *Full fetches*: 200 answers of the key "
+                   "service for this list (the design is one per instance). RSS is `VmRSS` of the Envoy process at "
+                   "least 1.5 s after the list is live and once no VM has fetched it for 6 s; peak is `VmHWM`.", "",
+                   "| keys | JSON MB | body sent s | live s | published s (by) | full fetches | slowest probe s | RSS before MiB | RSS after MiB | peak RSS MiB |",
+                   "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+            for r in sc:
+                sec.append(f"| {r['keys']:,} | {r['bytes'] / 1e6:.1f} | {r['sent_s']:.2f} | {r['live_s']:.2f} | "
+                           f"{pubs_text(r['published'])} | {r['answers_200']} | {r['slowest_probe_s']:.2f} | {r['rss_before_kb'] / 1024:.0f} | "
+                           f"{r['rss_kb'] / 1024:.0f} | {r['hwm_kb'] / 1024:.0f} |")
+            by = {r["keys"]: r for r in sc}
+            if 1_000 in by and 1_000_000 in by:
+                d = (by[1_000_000]["rss_kb"] - by[1_000]["rss_kb"]) / 1024
+                dp = (by[1_000_000]["hwm_kb"] - by[1_000]["hwm_kb"]) / 1024
+                sec += ["", f"- RSS 1M − 1k = **{d:.0f} MiB** ({d * 1024 * 1024 / 999_000:.0f} bytes per extra key); "
+                            f"peak 1M − 1k = {dp:.0f} MiB."]
+            sec.append("")
+            print("\n".join(sec), flush=True)
+            md += sec
+
+            log("part 2b: replacing a 1M-key list by another 1M-key list under load")
+            sw = bench.swap()
+            b, d_, a_ = sw["before"], sw["during"], sw["after"]
+            sec = ["## 2b. Replacing a 1M-key list under load (`--concurrency 2`, refresh_s 1)", "",
+                   f"Every key's id and hash change except the benchmark key's (so traffic keeps being allowed; "
+                   f"its bucket is rewritten anyway, as are all others). Steady state before and after: "
+                   f"{args.duration:g} s runs on the same Envoy; the swap run lasts {args.swap_duration:g} s, the new "
+                   f"document is served {SWAP_AT_S:g} s into it (wrk timeout 60 s). wrk only records requests that complete "
+                   f"inside its run, and a connection stuck behind a blocked worker makes one slow request while the "
+                   f"others go on (coordinated omission), so the table also gives the slowest of the probe requests "
+                   f"(fresh connections, every 50 ms) sent during the swap run.", "",
+                   "| run | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | CPU µs/req | other load | non-2xx/errors |",
+                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            for label, r in (("steady, before", b), ("during the swap", d_), ("steady, after", a_)):
+                sec.append(f"| {label} | {r['rps']:,.0f} | {r['p50'] / 1e3:.3f} | {r['p90'] / 1e3:.3f} | "
+                           f"{r['p99'] / 1e3:.3f} | {r['p999'] / 1e3:.3f} | {r['max'] / 1e3:.1f} | "
+                           f"{r['cpu_us_per_req']:.2f} | {r['other_load'] * 100:.0f}% | {r['status'] + r['errors']} |")
+            fmt = lambda x: "n/a" if x is None else f"{x:.2f} s"  # noqa: E731
+            sec += ["", f"- The new list was asked for {fmt(d_['swap_asked_s'])} after it was put in place and was "
+                        f"live (a key only in the new list accepted) {fmt(d_['swap_live_s'])} after the key service "
+                        f"started answering; inside the measured window: {'yes' if d_['swap_inside_window'] else 'NO'}.",
+                    f"- Full fetches of the new list: {sw['answers_200']}; published (s after the key service "
+                    f"answered, by): {pubs_text(sw['publishers'])} (the first list: {sw['publishers_before']} publishes). "
+                    f"RSS after: {sw['rss_kb'] / 1024:.0f} MiB (peak {sw['hwm_kb'] / 1024:.0f} MiB).",
+                    f"- p99 during the swap ÷ steady p99 before = **{d_['p99'] / b['p99']:.2f}×**; max "
+                    f"{d_['max'] / 1e3:.1f} ms vs {b['max'] / 1e3:.1f} ms; slowest probe during the swap run "
+                    f"{d_['slowest_probe_s'] * 1e3:.0f} ms; throughput {d_['rps'] / b['rps'] * 100:.0f}% of steady state.", ""]
+            print("\n".join(sec), flush=True)
+            md += sec
+
+        md.append(f"_Total run time {(time.monotonic() - started) / 60:.1f} min._")
+        RESULTS.write_text("\n".join(md) + "\n")
+        log(f"wrote {RESULTS.relative_to(REPO)} ({(time.monotonic() - started) / 60:.1f} min)")
+        return 0
+    finally:
+        if bench.ks:
+            bench.ks.stop()
+        harness._stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3, help="rounds of A B C D E (default 3)")
+    p.add_argument("--duration", type=float, default=10, help="seconds of measured load per run (default 10)")
+    p.add_argument("--warmup", type=float, default=2, help="seconds of unmeasured load before each run (default 2)")
+    p.add_argument("--connections", type=int, default=16, help="wrk connections (default 16, one wrk thread)")
+    p.add_argument("--attribution-rounds", type=int, default=None, help="rounds of the attribution section (default: --rounds)")
+    p.add_argument("--swap-duration", type=float, default=30,
+                   help="length of the run during which the 1M-key list is replaced (default 30, --quick 20)")
+    p.add_argument("--sections", default="main,attribution,scale",
+                   help="comma-separated subset of main (1), attribution (1b), scale (2 and 2b)")
+    p.add_argument("--no-attribution", action="store_true", help="skip section 1b")
+    p.add_argument("--no-scale", action="store_true", help="skip sections 2 and 2b")
+    p.add_argument("--wait-quiet", type=float, default=120,
+                   help="before each run, wait up to this many seconds for other processes to leave the "
+                        "benchmark CPUs (<10%% busy); 0: don't wait (default 120, --quick 0)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 round of 3 s, 1 s warm-up")
+    args = p.parse_args()
+    if args.quick:
+        args.rounds, args.duration, args.warmup, args.swap_duration, args.wait_quiet = 1, 3, 1, 20, 0
+    args.sections = [x.strip() for x in args.sections.split(",") if x.strip()]
+    bad = [x for x in args.sections if x not in ("main", "attribution", "scale")]
+    if bad:
+        p.error(f"--sections: unknown {bad}")
+    if args.no_attribution and "attribution" in args.sections:
+        args.sections.remove("attribution")
+    if args.no_scale and "scale" in args.sections:
+        args.sections.remove("scale")
+    if args.attribution_rounds is None:
+        args.attribution_rounds = args.rounds
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
