@@ -139,6 +139,12 @@ fmt-check:
 integration: $(VENV_STAMP)
 	$(VENV_PY) -m pytest -q -p no:cacheprovider tests/integration $(PYTEST_ARGS)
 
+# keygate in nginx with Kong's ngx_wasm_module (envoy/examples/nginx/README.md):
+# KEYGATE_NGINX=/path/to/nginx make test-nginx; without KEYGATE_NGINX it prints a skip and passes.
+.PHONY: test-nginx
+test-nginx: build $(VENV_STAMP)
+	$(VENV_PY) tests/nginx/run_nginx.py
+
 # ---------------------------------------------------------------------------------------------
 # demo
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 //! the response hook for our own local replies, which carry their headers already).
 
 use super::host::{now_ms, HostStore};
+use super::nginx;
 use super::root::Shared;
 use crate::client_ip;
 use crate::decision::{self, Request};
@@ -30,7 +31,11 @@ impl Context for Http {}
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let s = &self.shared;
-        let headers = self.get_http_request_headers_bytes();
+        let mut headers = self.get_http_request_headers_bytes();
+        // nginx hands over header names as the client wrote them; Envoy's are lowercase already.
+        for (k, _) in headers.iter_mut() {
+            k.make_ascii_lowercase();
+        }
         let source = hostcalls::get_property(vec!["source", "address"])
             .ok()
             .flatten()
@@ -41,7 +46,7 @@ impl HttpContext for Http {
             source,
         };
         let mut list = s.list.get();
-        let outcome = decision::decide(&s.config, &mut list, &HostStore, &req, now_ms() / 1000);
+        let mut outcome = decision::decide(&s.config, &mut list, &HostStore, &req, now_ms() / 1000);
         s.list.set(list);
         s.metrics.decision(outcome.kind);
         if let Some(id) = &outcome.key_id {
@@ -61,6 +66,19 @@ impl HttpContext for Http {
             }
             return Action::Pause;
         }
+        let nginx = match s.nginx.get() {
+            Some(known) => known,
+            None => {
+                let found = nginx::detect();
+                s.nginx.set(Some(found));
+                found
+            }
+        };
+        self.response_headers = std::mem::take(&mut outcome.response_headers);
+        if nginx {
+            nginx::apply(&s.config, &headers, &outcome);
+            return Action::Continue;
+        }
         let edits = outcome.remove_headers.len()
             + outcome.set_headers.len()
             + usize::from(outcome.new_path.is_some());
@@ -78,7 +96,6 @@ impl HttpContext for Http {
                 self.set_http_request_header(":path", Some(path));
             }
         }
-        self.response_headers = outcome.response_headers;
         Action::Continue
     }
 

@@ -4,6 +4,7 @@
 mod host;
 mod http;
 mod metrics;
+mod nginx;
 mod root;
 
 use proxy_wasm::traits::RootContext;

@@ -29,6 +29,8 @@ pub struct Shared {
     pub source_id: String,
     pub list: Cell<ListState>,
     pub metrics: Metrics,
+    /// Whether the host is nginx (ngx_wasm_module), learnt on the first request.
+    pub nginx: Cell<Option<bool>>,
 }
 
 #[derive(Default)]
@@ -248,6 +250,7 @@ impl RootContext for Root {
             source_id,
             list: Cell::new(ListState::default()),
             metrics: Metrics::define(),
+            nginx: Cell::new(None),
         }));
         self.next_fetch_ms = None;
         self.refresh_view();
