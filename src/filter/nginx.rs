@@ -9,9 +9,18 @@ use crate::config::Config;
 use crate::decision::Outcome;
 use proxy_wasm::hostcalls;
 
-/// Whether this VM runs in nginx: ngx_wasm_module answers the `ngx.*` properties.
+/// Whether this VM runs in nginx: ngx_wasm_module answers the `ngx.*` properties. Says once
+/// what the configuration lacks for the identity to reach the upstream.
 pub fn detect() -> bool {
-    property(&["ngx", "nginx_version"]).is_some()
+    let nginx = property(&["ngx", "nginx_version"]).is_some();
+    if nginx && property(&["ngx", "keygate_key_id"]).is_none() {
+        log::warn!(
+            "keygate: nginx without `set $keygate_key_id \"\"; set $keygate_key_owner \"\";` at \
+             server level: identity headers are set directly, and client-sent copies may reach \
+             the upstream (see envoy/examples/nginx/README.md)"
+        );
+    }
+    nginx
 }
 
 fn property(path: &[&str]) -> Option<Vec<u8>> {
