@@ -1,27 +1,29 @@
 #!/usr/bin/env python3
 """keygate in real Envoy under load, side by side with the alternatives (`make bench`).
 
-    .venv/bin/python bench/run.py [--rounds N] [--duration S] [--quick] [--no-attribution] [--no-scale]
+    .venv/bin/python bench/run.py [--rounds N] [--duration S] [--quick] [--sections main,attribution,scale]
 
 One command, one run. Everything listens on 127.0.0.1; every process started here is stopped
-(Envoys by PID through tests/integration/harness.py, wrk by PID, the key service is a thread).
+(Envoys by PID through tests/integration/harness.py, wrk by PID, the key service is a thread of
+this process). With two or more CPUs, Envoy is pinned to the first and wrk, this runner and the
+key service to the second (`taskset`).
 
-Part 1 - throughput, latency and Envoy CPU per request, five configurations (a fresh Envoy 1.40,
-`--concurrency 1`, pinned to one core, for every run; wrk pinned to the other core; interleaved
-A B C D E, A B C D E, ...):
-    A  router only (passthrough)
-    B  Envoy's native api_key_auth (1,000 credentials) + local_ratelimit (x-ratelimit headers)
-    C  a wasm filter that does nothing (bench/noop): the floor of any wasm filter
-    D  keygate, realistic: 1,000 keys, x-api-key + Bearer, 100 CIDRs in ip_allow, 20 route rules,
-       per-key limits (two windows, never reached), identity headers, credential stripping
-    E  D with 1,000,000 keys
-  Upstream: a second listener of the *same* Envoy answering with a direct_response (see
-  UPSTREAM_NOTE). Figures are medians over the rounds.
-Part 1b - attribution: D without ip_allow / routes / rate limits / identity+strip, and bare.
-Part 2 - key-list scale (`--concurrency 2`): list live time and Envoy RSS for 1k/10k/100k/1M
-keys, and p99 while a 1M-key list is replaced by another 1M-key list under load.
+1  throughput, latency and Envoy CPU per request, `--concurrency 1`, a fresh Envoy per run,
+   configurations interleaved round by round (A B C D E, A B C D E, ...; default 7 rounds of 5 s
+   after a 2 s warm-up, wrk -t1 -c16):
+     A  router only (passthrough)
+     B  Envoy's native api_key_auth (1,000 credentials) + local_ratelimit (x-ratelimit headers)
+     C  a wasm filter that does nothing (bench/noop): the floor of any wasm filter
+     D  keygate, realistic: 1,000 keys, x-api-key + Bearer, 100 CIDRs in ip_allow, 20 route
+        rules, per-key limits (two windows, never reached), identity headers, credential stripping
+     E  D with 1,000,000 keys
+   Upstream: a second listener of the *same* Envoy answering with a direct_response (UPSTREAM_NOTE).
+1b attribution: D without ip_allow / routes / rate limits / identity+strip, and bare.
+2  key-list scale (`--concurrency 2`): time to live and Envoy RSS for 1k/10k/100k/1M keys;
+   2b: p99 while a 1M-key list is replaced by another 1M-key list under load.
 
-Results go to stdout and bench/results.md.
+A run during which other processes use more than 10% of the two CPUs is repeated (--retries).
+Results go to stdout and bench/results.md; progress to stderr.
 """
 from __future__ import annotations
 
@@ -435,6 +437,25 @@ end
         return res
 
     @staticmethod
+    def thread_cpu_ns(pid: int) -> dict[str, int]:
+        """CPU ns per Envoy thread group: 'main' (the main thread, where the admin endpoint and the
+        main thread's wasm VM run), 'workers' (wrk:worker_N), 'other'."""
+        out = {"main": 0, "workers": 0, "other": 0}
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                ns = int((task / "schedstat").read_text().split()[0])
+                comm = (task / "comm").read_text().strip()
+            except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+                continue
+            kind = "main" if task.name == str(pid) else "workers" if comm.startswith("wrk:worker") else "other"
+            out[kind] += ns
+        return out
+
+    @staticmethod
+    def cpu_delta(a: dict[str, int], b: dict[str, int]) -> dict[str, float]:
+        return {k: (b[k] - a[k]) / 1e9 for k in a}
+
+    @staticmethod
     def cpu_ns(pid: int) -> int:
         total = 0
         for task in Path(f"/proc/{pid}/task").iterdir():
@@ -444,15 +465,16 @@ end
                 pass
         return total
 
-    def busy_s(self) -> float:
-        """CPU seconds the two benchmark CPUs (or all, unpinned) spent busy, from /proc/stat."""
+    def busy_s(self, steal: bool = False) -> float:
+        """CPU seconds the two benchmark CPUs (or all, unpinned) spent busy, from /proc/stat; with
+        steal=True, the time the hypervisor gave them to someone else instead."""
         want = {f"cpu{c}" for c in self.cpus} if self.cpus else {"cpu"}
         total = 0
         for line in Path("/proc/stat").read_text().splitlines():
             f = line.split()
             if f and f[0] in want:
-                user, nice, system, _idle, _iowait, irq, softirq = map(int, f[1:8])
-                total += user + nice + system + irq + softirq
+                user, nice, system, _idle, _iowait, irq, softirq, st = map(int, f[1:9])
+                total += st if steal else user + nice + system + irq + softirq
         return total / os.sysconf("SC_CLK_TCK")
 
     @staticmethod
@@ -486,13 +508,16 @@ end
         if self.args.warmup > 0:
             self.wrk(port, self.args.warmup)
         pid = env.proc.pid
-        b0, (s0, w0) = self.busy_s(), self.own_s()
+        b0, (s0, w0), st0 = self.busy_s(), self.own_s(), self.busy_s(steal=True)
+        tc0 = self.thread_cpu_ns(pid)
         c0, t0 = self.cpu_ns(pid), time.monotonic()
         res = self.wrk(port, duration or self.args.duration)
         c1, t1 = self.cpu_ns(pid), time.monotonic()
-        b1, (s1, w1) = self.busy_s(), self.own_s()
+        res["thread_cpu"] = self.cpu_delta(tc0, self.thread_cpu_ns(pid))
+        b1, (s1, w1), st1 = self.busy_s(), self.own_s(), self.busy_s(steal=True)
         res["cpu_us_per_req"] = (c1 - c0) / 1e3 / max(1, res["requests"])
         res["cpu_util"] = (c1 - c0) / 1e9 / (t1 - t0)
+        res["steal"] = (st1 - st0) / ((t1 - t0) * (len(self.cpus) if self.cpus else (os.cpu_count() or 1)))
         res["wrk_util"] = (w1 - w0) / (t1 - t0)
         n = len(self.cpus) if self.cpus else (os.cpu_count() or 1)
         other = (b1 - b0) - (c1 - c0) / 1e9 - (w1 - w0) - (s1 - s0)
@@ -542,7 +567,8 @@ end
                 bad = res["status"] + res["errors"]
                 log(f"{label} round {r + 1}/{n} {s.name:>10}: {res['rps']:9.0f} req/s  p50 {res['p50'] / 1e3:6.3f} ms  "
                     f"p99 {res['p99'] / 1e3:6.3f} ms  CPU {res['cpu_us_per_req']:6.2f} us/req  "
-                    f"Envoy {res['cpu_util'] * 100:3.0f}% wrk {res['wrk_util'] * 100:3.0f}% other {res['other_load'] * 100:3.0f}%"
+                    f"Envoy {res['cpu_util'] * 100:3.0f}% wrk {res['wrk_util'] * 100:3.0f}% other {res['other_load'] * 100:3.0f}% "
+                    f"steal {res['steal'] * 100:3.0f}%"
                     + (f"  NON-2xx/ERRORS {bad}" if bad else "")
                     + (f"  (list loaded in {res['load_s']:.1f}s)" if res.get("load_s") else ""))
         return out
@@ -566,6 +592,7 @@ end
             harness.wait_until(lambda: ks.requests > 0, 20, 0.05, "the first key-list request")
             time.sleep(0.5)
             rss_before = self.vm_kb(pid, "VmRSS")
+            cpu_before = self.thread_cpu_ns(pid)
             answers_before = len(ks.answers)
             wall_answer = time.time()
             t_answer = ks.release()
@@ -607,6 +634,7 @@ end
                 "rss_before_kb": rss_before, "rss_kb": self.vm_kb(pid, "VmRSS"), "hwm_kb": self.vm_kb(pid, "VmHWM"),
                 "answers_200": len(ks.answers) - answers_before,
                 "slowest_probe_s": slowest,
+                "load_cpu": self.cpu_delta(cpu_before, self.thread_cpu_ns(pid)),
             }
             if env.wasm_failures():
                 raise RuntimeError(f"{docname}: wasm failures: {env.wasm_failures()[:3]}")
@@ -656,6 +684,7 @@ end
                     result["error"] = e
 
             th = threading.Thread(target=load)
+            tc0 = self.thread_cpu_ns(env.proc.pid)
             th.start()
             time.sleep(SWAP_AT_S)
             t_swap = time.monotonic()
@@ -682,6 +711,7 @@ end
             if "error" in result:
                 raise result["error"]
             res = result["r"]
+            res["thread_cpu"] = self.cpu_delta(tc0, self.thread_cpu_ns(env.proc.pid))
             ans = ks.answer_for(etag_b) or {}
             res["swap_asked_s"] = (ans["start"] - t_swap) if ans else None
             res["swap_live_s"] = (live - ans["start"]) if (live and ans) else None
@@ -866,6 +896,21 @@ def run(args: argparse.Namespace) -> int:
                     f"run's warm-up. VMs that fetched, parsed and published it, per round: "
                     f"{'; '.join(' + '.join(r.get('publishers') or ['?']) for r in res['E'])} "
                     f"(with `--concurrency 1` there are two: the main thread's and the worker's).",
+                    ]
+            per_round = []
+            for i in range(args.rounds):
+                a_, c_, d_, e_ = (res[k][i]["cpu_us_per_req"] for k in ("A", "C", "D", "E"))
+                per_round.append((c_ - a_, d_ - a_, (d_ - a_) / (c_ - a_) if c_ != a_ else float("nan"),
+                                  (e_ - a_) / (d_ - a_) if d_ != a_ else float("nan")))
+            sec += [f"- Paired within each round (same minute, so slow drift cancels), C−A µs / D−A µs / "
+                    f"(D−A)/(C−A) / (E−A)/(D−A): "
+                    + "; ".join(f"{x[0]:.1f} / {x[1]:.1f} / {x[2]:.2f} / {x[3]:.2f}" for x in per_round)
+                    + f" — medians {statistics.median(x[0] for x in per_round):.1f} / "
+                      f"{statistics.median(x[1] for x in per_round):.1f} / "
+                      f"{statistics.median(x[2] for x in per_round):.2f} / {statistics.median(x[3] for x in per_round):.2f}.",
+                    f"- Noise: the same configuration varies from run to run by the min–max shown (A: "
+                    f"{spread(res['A'], 'cpu_us_per_req')} µs) even with no other load inside this machine; "
+                    f"differences smaller than that spread are not resolved by {args.rounds} rounds.",
                     "", "Per round (req/s, p99 ms, CPU µs/req, other load):", ""]
             sec += rounds_table(specs, res)
             sec.append("")
@@ -884,18 +929,18 @@ def run(args: argparse.Namespace) -> int:
                 Spec("D-bare", "keys only: x-api-key/Bearer lookup, nothing else", "keygate",
                      plugin=keygate_config(ip_allow=False, routes_on=False, ratelimit=False, identity=False, extras=False),
                      doc="1k-nolimits", keys=1_000),
-                Spec("A", "router only", "router"),
-                Spec("C", "noop wasm", "noop"),
                 Spec("U", "wrk straight at the direct_response upstream listener", "router", target="upstream"),
             ]
             log(f"part 1b: attribution, {len(att)} configurations x {args.attribution_rounds} rounds")
             ares = bench.rounds(att, args.attribution_rounds, "attribution")
             aD = med(ares["D"], "cpu_us_per_req")
-            aA = med(ares["A"], "cpu_us_per_req")
-            aC = med(ares["C"], "cpu_us_per_req")
-            sec = ["## 1b. Where keygate's time goes (attribution, medians)", "",
-                   "Each row removes one feature from D (same 1k-key list, same request). "
-                   "\"Saved\" is D's CPU per request minus the row's: the cost of that feature on this request.", "",
+            base = res if "main" in sections else None
+            aA = med(base["A"], "cpu_us_per_req") if base else float("nan")
+            aC = med(base["C"], "cpu_us_per_req") if base else float("nan")
+            sec = [f"## 1b. Where keygate's time goes (attribution, medians over {args.attribution_rounds} rounds)", "",
+                   "Each row removes one feature from D (same 1k-key list, same request). \"Saved\" is D's CPU per "
+                   "request (this section's D) minus the row's: the cost of that feature on this request. "
+                   "\"− A\" uses section 1's A.", "",
                    "| config | req/s | p99 ms | CPU µs/req (min–max) | saved vs D µs | − A µs | other load (max) | non-2xx/errors |",
                    "|---|---:|---:|---:|---:|---:|---:|---:|"]
             for s in att:
@@ -908,11 +953,11 @@ def run(args: argparse.Namespace) -> int:
             bare = med(ares["D-bare"], "cpu_us_per_req")
             uu = med(ares["U"], "cpu_us_per_req")
             sec += ["",
-                    f"- In this section: A = {aA:.2f}, C = {aC:.2f} (floor C−A = {aC - aA:.2f}), D = {aD:.2f} µs; "
-                    f"the bare lookup D-bare costs {bare - aC:+.2f} µs over the noop filter, "
-                    f"the configured features together {aD - bare:+.2f} µs over D-bare.",
-                    f"- U (upstream listener alone, no proxy hop) = {uu:.2f} µs/req, so the proxy hop itself (A − U) "
-                    f"≈ {aA - uu:.2f} µs; relative to that hop alone D adds {(aD - aA) / max(1e-9, aA - uu) * 100:.0f}%.",
+                    f"- D-bare (one header read, one list lookup, nothing else configured) costs {bare - aC:+.2f} µs over "
+                    f"the noop filter C; everything else D configures adds {aD - bare:+.2f} µs on top of D-bare.",
+                    f"- U (the upstream listener alone, no proxy hop) = {uu:.2f} µs/req, so the proxy hop itself (A − U) "
+                    f"≈ {aA - uu:.2f} µs; against that hop alone keygate (D − A, section 1) adds "
+                    f"{(med(base['D'], 'cpu_us_per_req') - aA) / max(1e-9, aA - uu) * 100:.0f}%." if base else "",
                     "", "Per round (req/s, p99 ms, CPU µs/req, other load):", ""]
             sec += rounds_table(att, ares)
             sec.append("")
@@ -938,13 +983,16 @@ def run(args: argparse.Namespace) -> int:
                    "20 s for the 1M list; *slowest probe*: the longest any of them waited, i.e. a worker blocked). "
                    "*Published*: the timestamp of each `key list ... published` line in Envoy's log and the thread "
                    "(main or worker) whose VM fetched, parsed and published. *Full fetches*: 200 answers of the key "
-                   "service for this list (the design is one per instance). RSS is `VmRSS` of the Envoy process at "
+                   "service for this list (the design is one per instance). *Envoy CPU s*: CPU time of Envoy's main "
+                   "thread and of its workers from the answer until the list is settled (the load's cost; a few probe "
+                   "requests included). RSS is `VmRSS` of the Envoy process at "
                    "least 1.5 s after the list is live and once no VM has fetched it for 6 s; peak is `VmHWM`.", "",
-                   "| keys | JSON MB | body sent s | live s | published s (by) | full fetches | slowest probe s | RSS before MiB | RSS after MiB | peak RSS MiB |",
-                   "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+                   "| keys | JSON MB | body sent s | live s | published s (by) | full fetches | Envoy CPU s: main / workers | slowest probe s | RSS before MiB | RSS after MiB | peak RSS MiB |",
+                   "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
             for r in sc:
                 sec.append(f"| {r['keys']:,} | {r['bytes'] / 1e6:.1f} | {r['sent_s']:.2f} | {r['live_s']:.2f} | "
-                           f"{pubs_text(r['published'])} | {r['answers_200']} | {r['slowest_probe_s']:.2f} | {r['rss_before_kb'] / 1024:.0f} | "
+                           f"{pubs_text(r['published'])} | {r['answers_200']} | {r['load_cpu']['main']:.2f} / {r['load_cpu']['workers']:.2f} | "
+                           f"{r['slowest_probe_s']:.2f} | {r['rss_before_kb'] / 1024:.0f} | "
                            f"{r['rss_kb'] / 1024:.0f} | {r['hwm_kb'] / 1024:.0f} |")
             by = {r["keys"]: r for r in sc}
             if 1_000 in by and 1_000_000 in by:
@@ -967,12 +1015,13 @@ def run(args: argparse.Namespace) -> int:
                    f"inside its run, and a connection stuck behind a blocked worker makes one slow request while the "
                    f"others go on (coordinated omission), so the table also gives the slowest of the probe requests "
                    f"(fresh connections, every 50 ms) sent during the swap run.", "",
-                   "| run | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | CPU µs/req | other load | non-2xx/errors |",
-                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                   "| run | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | CPU µs/req | Envoy CPU s: main / workers | other load | non-2xx/errors |",
+                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for label, r in (("steady, before", b), ("during the swap", d_), ("steady, after", a_)):
                 sec.append(f"| {label} | {r['rps']:,.0f} | {r['p50'] / 1e3:.3f} | {r['p90'] / 1e3:.3f} | "
                            f"{r['p99'] / 1e3:.3f} | {r['p999'] / 1e3:.3f} | {r['max'] / 1e3:.1f} | "
-                           f"{r['cpu_us_per_req']:.2f} | {r['other_load'] * 100:.0f}% | {r['status'] + r['errors']} |")
+                           f"{r['cpu_us_per_req']:.2f} | {r['thread_cpu']['main']:.2f} / {r['thread_cpu']['workers']:.2f} | "
+                           f"{r['other_load'] * 100:.0f}% | {r['status'] + r['errors']} |")
             fmt = lambda x: "n/a" if x is None else f"{x:.2f} s"  # noqa: E731
             sec += ["", f"- The new list was asked for {fmt(d_['swap_asked_s'])} after it was put in place and was "
                         f"live (a key only in the new list accepted) {fmt(d_['swap_live_s'])} after the key service "
@@ -999,11 +1048,11 @@ def run(args: argparse.Namespace) -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=3, help="rounds of A B C D E (default 3)")
-    p.add_argument("--duration", type=float, default=10, help="seconds of measured load per run (default 10)")
+    p.add_argument("--rounds", type=int, default=7, help="rounds of A B C D E (default 7)")
+    p.add_argument("--duration", type=float, default=5, help="seconds of measured load per run (default 5)")
     p.add_argument("--warmup", type=float, default=2, help="seconds of unmeasured load before each run (default 2)")
     p.add_argument("--connections", type=int, default=16, help="wrk connections (default 16, one wrk thread)")
-    p.add_argument("--attribution-rounds", type=int, default=None, help="rounds of the attribution section (default: --rounds)")
+    p.add_argument("--attribution-rounds", type=int, default=4, help="rounds of the attribution section (default 4)")
     p.add_argument("--swap-duration", type=float, default=35,
                    help="length of the run during which the 1M-key list is replaced (default 35, --quick 20)")
     p.add_argument("--sections", default="main,attribution,scale",
@@ -1020,6 +1069,7 @@ def main() -> int:
     args = p.parse_args()
     if args.quick:
         args.rounds, args.duration, args.warmup, args.swap_duration, args.wait_quiet, args.retries = 1, 3, 1, 20, 0, 0
+        args.attribution_rounds = 1
     args.sections = [x.strip() for x in args.sections.split(",") if x.strip()]
     bad = [x for x in args.sections if x not in ("main", "attribution", "scale")]
     if bad:
@@ -1028,8 +1078,6 @@ def main() -> int:
         args.sections.remove("attribution")
     if args.no_scale and "scale" in args.sections:
         args.sections.remove("scale")
-    if args.attribution_rounds is None:
-        args.attribution_rounds = args.rounds
     try:
         return run(args)
     except KeyboardInterrupt:
