@@ -237,7 +237,7 @@ def cidrs(n: int = 100) -> list[str]:
 
 
 def keygate_config(*, ip_allow: bool = True, routes_on: bool = True, ratelimit: bool = True,
-                   identity: bool = True, extras: bool = True, refresh_s: int = 30,
+                   identity: bool = True, extras: bool = True, failure_limit: bool = False, refresh_s: int = 30,
                    timeout_ms: int = 120_000) -> dict:
     cfg: dict[str, Any] = {
         "key_list": {"cluster": "keyservice", "path": "/v1/keys", "refresh_s": refresh_s,
@@ -248,6 +248,9 @@ def keygate_config(*, ip_allow: bool = True, routes_on: bool = True, ratelimit: 
         cfg["key_prefixes"] = ["kg_"]
         cfg["exempt"] = [{"preflight": True}, {"method": "GET", "path_exact": "/healthz"}]
         cfg["client_ip"] = {"xff_trusted_hops": 0}
+    if failure_limit:
+        # Not part of D as the issue defines it: one more shared-data read on every request
+        # (the client IP's failure count is checked before the lookup), shown in section 1b.
         cfg["invalid_key_limit"] = {"limit": 1000, "window_s": 60}
     if ip_allow:
         cfg["ip_allow"] = cidrs()
@@ -926,6 +929,8 @@ def run(args: argparse.Namespace) -> int:
                      plugin=keygate_config(ratelimit=False), doc="1k-nolimits", keys=1_000),
                 Spec("D-ident", "D without identity headers and stripping", "keygate",
                      plugin=keygate_config(identity=False), doc="1k", keys=1_000),
+                Spec("D+fail", "D with invalid_key_limit", "keygate",
+                     plugin=keygate_config(failure_limit=True), doc="1k", keys=1_000),
                 Spec("D-bare", "keys only: x-api-key/Bearer lookup, nothing else", "keygate",
                      plugin=keygate_config(ip_allow=False, routes_on=False, ratelimit=False, identity=False, extras=False),
                      doc="1k-nolimits", keys=1_000),

@@ -2,8 +2,9 @@
 //! address in, an `Outcome` out (a local reply, or the edits to make before going upstream).
 //! Shared state is reached only through `SharedStore`.
 
+use crate::bucket_cache::BucketCache;
 use crate::client_ip;
-use crate::config::{Config, ExemptRule, SiteSource};
+use crate::config::{Config, ExemptRule, KeyListSource, SiteSource};
 use crate::credential::{self, Location};
 use crate::path;
 use crate::ratelimit::{self, Counted};
@@ -21,6 +22,8 @@ pub const MAX_KEY_BYTES: usize = 1024;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ListState {
     pub loaded: bool,
+    /// The publish this view is of (see `shared::Meta`).
+    pub generation: u64,
     pub bits: u8,
     pub fetched_at: u64,
 }
@@ -30,6 +33,7 @@ impl ListState {
         match meta {
             Some(m) if m.generation > 0 && m.source == source => ListState {
                 loaded: true,
+                generation: m.generation,
                 bits: m.bits,
                 fetched_at: m.fetched_at,
             },
@@ -224,31 +228,43 @@ fn template_value(v: &str, json: bool) -> String {
         .to_string()
 }
 
-/// The key's record from its bucket; a `moved` bucket means the layout changed under us, so
-/// the list state is re-read once.
+/// The key's record from its bucket (this worker's copy when it has one of the live
+/// generation); a `moved` bucket means the layout changed under us, so the list state is
+/// re-read once.
 fn lookup(
     store: &dyn SharedStore,
     list: &mut ListState,
-    source: &str,
+    cache: &mut BucketCache,
+    source: &KeyListSource,
     hash: &[u8; 32],
     buf: &mut Vec<u8>,
 ) -> Option<()> {
     for _ in 0..2 {
-        *buf = store
-            .get(&shared::bucket_key(
-                list.bits,
-                record::bucket_index(hash, list.bits),
-            ))
-            .0
-            .unwrap_or_default();
+        let index = record::bucket_index(hash, list.bits);
+        match cache.get(list.generation, list.bits, index) {
+            Some(cached) => {
+                buf.clear();
+                buf.extend_from_slice(cached);
+            }
+            None => {
+                *buf = store
+                    .get(&shared::bucket_key(list.bits, index))
+                    .0
+                    .unwrap_or_default();
+            }
+        }
         match record::find(buf, hash) {
             Found::Moved => {
-                *list = ListState::from_meta(shared::read_meta(store).as_ref(), source);
+                *list =
+                    ListState::from_meta(shared::read_meta(store).as_ref(), &source.source_id());
                 if !list.loaded {
                     return None;
                 }
             }
-            _ => return Some(()),
+            _ => {
+                cache.put(list.generation, list.bits, index, buf.clone());
+                return Some(());
+            }
         }
     }
     None
@@ -276,6 +292,7 @@ fn upstream_edits(cfg: &Config, o: &mut Outcome, req: &Request, found: Option<&L
     }
 }
 
+/// Decides a request with no bucket cache: every key lookup reads shared data.
 pub fn decide(
     cfg: &Config,
     list: &mut ListState,
@@ -283,7 +300,18 @@ pub fn decide(
     req: &Request,
     now: u64,
 ) -> Outcome {
-    let source = &cfg.key_list.source_id();
+    decide_cached(cfg, list, &mut BucketCache::default(), store, req, now)
+}
+
+/// Decides a request (SPEC §3, in order), reading key buckets through this worker's `cache`.
+pub fn decide_cached(
+    cfg: &Config,
+    list: &mut ListState,
+    cache: &mut BucketCache,
+    store: &dyn SharedStore,
+    req: &Request,
+    now: u64,
+) -> Outcome {
     let method = req.header_str(":method");
     let (raw_path, query) = path::split_query(req.header_str(":path"));
     let norm_path = path::normalize(raw_path);
@@ -320,7 +348,7 @@ pub fn decide(
     };
     if !list.loaded || stale(list) {
         // The worker's view is refreshed on ticks; before refusing, make sure it is current.
-        *list = ListState::from_meta(shared::read_meta(store).as_ref(), source);
+        *list = ListState::from_meta(shared::read_meta(store).as_ref(), &cfg.key_list.source_id());
     }
     if !list.loaded || stale(list) {
         if cfg.key_list.fail_open {
@@ -367,7 +395,7 @@ pub fn decide(
     let mut buf = Vec::new();
     let record = if well_formed {
         let hash: [u8; 32] = Sha256::digest(key).into();
-        match lookup(store, list, source, &hash, &mut buf) {
+        match lookup(store, list, cache, &cfg.key_list, &hash, &mut buf) {
             None => return refused(cfg, Class::Unavailable),
             Some(()) => match record::find(&buf, &hash) {
                 Found::Key(r) => Some(r),
@@ -625,6 +653,49 @@ mod tests {
         assert_eq!(
             run(&mut list, "GET", "/api/v1/auth/me", "minds_nope").kind,
             Kind::Refused(Class::InvalidKey)
+        );
+    }
+
+    #[test]
+    fn the_bucket_cache_serves_one_generation_and_follows_the_view() {
+        let (cfg, store) = whoami_setup();
+        let source = cfg.key_list.source_id();
+        let mut list = ListState::from_meta(shared::read_meta(&store).as_ref(), &source);
+        let mut cache = BucketCache::default();
+        let h = request("GET", "/x", "minds_abc");
+        let req = Request {
+            headers: &h,
+            source: None,
+        };
+        let run = |list: &mut ListState, cache: &mut BucketCache| {
+            decide_cached(&cfg, list, cache, &store, &req, 100).kind
+        };
+        assert_eq!(run(&mut list, &mut cache), Kind::Allowed);
+        assert_eq!(cache.len(), 1, "the key's bucket is kept");
+
+        // Revoke the key: same layout, so the bucket is rewritten in place.
+        let hash: String = Sha256::digest(b"minds_abc")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let revoked = crate::keylist::parse(
+            format!(r#"{{"keys":[{{"id":"k1","hash":"{hash}","owner":"o","status":"revoked"}}]}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        crate::shared::Publisher::default().publish(&store, &revoked, None, &source, 101);
+        // Until this worker's view moves to the new generation, its copy answers.
+        assert_eq!(run(&mut list, &mut cache), Kind::Allowed);
+        let mut fresh = ListState::from_meta(shared::read_meta(&store).as_ref(), &source);
+        assert!(fresh.generation > list.generation);
+        assert_eq!(
+            run(&mut fresh, &mut cache),
+            Kind::Refused(Class::ExpiredKey)
+        );
+        // Without a cache every lookup reads the store.
+        assert_eq!(
+            decide(&cfg, &mut list, &store, &req, 100).kind,
+            Kind::Refused(Class::ExpiredKey)
         );
     }
 }

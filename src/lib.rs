@@ -2,6 +2,7 @@
 //! as a proxy-wasm filter. Everything outside `filter` is pure Rust that knows nothing of the host
 //! ABI, so it is unit-tested natively; `filter` is the thin proxy-wasm glue (wasm32 only).
 
+pub mod bucket_cache;
 pub mod client_ip;
 pub mod config;
 pub mod credential;

@@ -46,7 +46,14 @@ impl HttpContext for Http {
             source,
         };
         let mut list = s.list.get();
-        let mut outcome = decision::decide(&s.config, &mut list, &HostStore, &req, now_ms() / 1000);
+        let mut outcome = decision::decide_cached(
+            &s.config,
+            &mut list,
+            &mut s.buckets.borrow_mut(),
+            &HostStore,
+            &req,
+            now_ms() / 1000,
+        );
         s.list.set(list);
         s.metrics.decision(outcome.kind);
         if let Some(id) = &outcome.key_id {

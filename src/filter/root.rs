@@ -5,17 +5,19 @@
 use super::host::{now_ms, HostStore};
 use super::http::Http;
 use super::metrics::{Fetch, Metrics};
+use crate::bucket_cache::BucketCache;
 use crate::config::{self, Config};
 use crate::decision::ListState;
 use crate::keylist;
 use crate::shared::{self, Publisher, SetError, SharedStore, LEASE};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 
-const TICK: Duration = Duration::from_millis(250);
+/// Also how long a worker may answer from its bucket cache after a new list was published.
+const TICK: Duration = Duration::from_millis(100);
 /// A leader that stops renewing (VM gone, thread stuck) is replaced after this long.
 const LEASE_MS: u64 = 5_000;
 /// Held across parsing and publishing a list, which blocks this thread's ticks for seconds with
@@ -28,6 +30,7 @@ pub struct Shared {
     pub config: Config,
     pub source_id: String,
     pub list: Cell<ListState>,
+    pub buckets: RefCell<BucketCache>,
     pub metrics: Metrics,
     /// Whether the host is nginx (ngx_wasm_module), learnt on the first request.
     pub nginx: Cell<Option<bool>>,
@@ -249,6 +252,7 @@ impl RootContext for Root {
             config,
             source_id,
             list: Cell::new(ListState::default()),
+            buckets: RefCell::new(BucketCache::default()),
             metrics: Metrics::define(),
             nginx: Cell::new(None),
         }));
