@@ -241,18 +241,20 @@ fn lookup(
 ) -> Option<()> {
     for _ in 0..2 {
         let index = record::bucket_index(hash, list.bits);
-        match cache.get(list.generation, list.bits, index) {
-            Some(cached) => {
+        let cached = match cache.get(list.generation, list.bits, index) {
+            Some(value) => {
                 buf.clear();
-                buf.extend_from_slice(cached);
+                buf.extend_from_slice(value);
+                true
             }
             None => {
                 *buf = store
                     .get(&shared::bucket_key(list.bits, index))
                     .0
                     .unwrap_or_default();
+                false
             }
-        }
+        };
         match record::find(buf, hash) {
             Found::Moved => {
                 *list =
@@ -262,7 +264,9 @@ fn lookup(
                 }
             }
             _ => {
-                cache.put(list.generation, list.bits, index, buf.clone());
+                if !cached {
+                    cache.put(list.generation, list.bits, index, buf.clone());
+                }
                 return Some(());
             }
         }

@@ -9,7 +9,7 @@ pub struct HostStore;
 
 impl SharedStore for HostStore {
     fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-        match hostcalls::get_shared_data(key) {
+        match timed!(super::phase::SHARED_GET, hostcalls::get_shared_data(key)) {
             // The SDK reports an existing empty value as no value: it exists when it has a CAS.
             Ok((None, Some(cas))) => (Some(Vec::new()), Some(cas)),
             Ok(found) => found,
@@ -18,7 +18,10 @@ impl SharedStore for HostStore {
     }
 
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
-        match hostcalls::set_shared_data(key, Some(value), cas) {
+        match timed!(
+            super::phase::SHARED_SET,
+            hostcalls::set_shared_data(key, Some(value), cas)
+        ) {
             Ok(()) => Ok(()),
             Err(Status::CasMismatch) => Err(SetError::CasMismatch),
             Err(_) => Err(SetError::Failed),

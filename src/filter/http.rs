@@ -4,6 +4,7 @@
 
 use super::host::{now_ms, HostStore};
 use super::nginx;
+use super::phase;
 use super::root::Shared;
 use crate::client_ip;
 use crate::decision::{self, Request};
@@ -31,31 +32,38 @@ impl Context for Http {}
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let s = &self.shared;
-        let mut headers = self.get_http_request_headers_bytes();
+        let mut headers = timed!(phase::READ_HEADERS, self.get_http_request_headers_bytes());
         // nginx hands over header names as the client wrote them; Envoy's are lowercase already.
         for (k, _) in headers.iter_mut() {
             k.make_ascii_lowercase();
         }
-        let source = hostcalls::get_property(vec!["source", "address"])
-            .ok()
-            .flatten()
-            .and_then(|v| String::from_utf8(v).ok())
-            .and_then(|v| client_ip::connection_address(&v));
+        let source = timed!(
+            phase::SOURCE,
+            hostcalls::get_property(vec!["source", "address"])
+        )
+        .ok()
+        .flatten()
+        .and_then(|v| String::from_utf8(v).ok())
+        .and_then(|v| client_ip::connection_address(&v));
         let req = Request {
             headers: &headers,
             source,
         };
         let mut list = s.list.get();
-        let mut outcome = decision::decide_cached(
-            &s.config,
-            &mut list,
-            &mut s.buckets.borrow_mut(),
-            &HostStore,
-            &req,
-            now_ms() / 1000,
+        let now = timed!(phase::NOW, now_ms() / 1000);
+        let mut outcome = timed!(
+            phase::DECIDE,
+            decision::decide_cached(
+                &s.config,
+                &mut list,
+                &mut s.buckets.borrow_mut(),
+                &HostStore,
+                &req,
+                now,
+            )
         );
         s.list.set(list);
-        s.metrics.decision(outcome.kind);
+        timed!(phase::METRIC, s.metrics.decision(outcome.kind));
         if let Some(id) = &outcome.key_id {
             log::debug!("keygate: {:?} for key {id}", outcome.kind);
         }
@@ -86,13 +94,9 @@ impl HttpContext for Http {
             nginx::apply(&s.config, &headers, &outcome);
             return Action::Continue;
         }
-        let edits = outcome.remove_headers.len()
-            + outcome.set_headers.len()
-            + usize::from(outcome.new_path.is_some());
-        if edits > 1 {
-            // Several edits cost one host call as a whole new header map instead of one each.
-            self.set_http_request_headers_bytes(outcome.edited_headers(&headers));
-        } else {
+        // One call per edit: a call that returns nothing is far cheaper than reading the whole
+        // map back and replacing it (which makes the host allocate inside the VM).
+        timed!(phase::WRITE_HEADERS, {
             for name in &outcome.remove_headers {
                 self.set_http_request_header(name, None);
             }
@@ -102,27 +106,25 @@ impl HttpContext for Http {
             if let Some(path) = &outcome.new_path {
                 self.set_http_request_header(":path", Some(path));
             }
-        }
+        });
+        #[cfg(feature = "phase-timing")]
+        super::phases::request_done();
         Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let add = std::mem::take(&mut self.response_headers);
-        if add.len() > 2 {
-            // Reading the map and writing it back is two host calls, whatever the count.
-            let mut headers = self.get_http_response_headers_bytes();
-            headers.extend(add.into_iter().map(|(k, v)| (k, v.into_bytes())));
-            self.set_http_response_headers_bytes(
-                headers
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_slice()))
-                    .collect(),
-            );
-        } else {
-            for (name, value) in add {
-                self.add_http_response_header(&name, &value);
-            }
-        }
+        timed!(phase::RESPONSE_HEADERS, self.add_response_headers(add));
         Action::Continue
+    }
+}
+
+impl Http {
+    /// One `add` per header: reading the map and writing it back costs several times more,
+    /// because the host has to allocate the map's copy inside the VM.
+    fn add_response_headers(&self, add: Vec<(String, String)>) {
+        for (name, value) in add {
+            self.add_http_response_header(&name, &value);
+        }
     }
 }

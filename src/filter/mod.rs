@@ -1,10 +1,39 @@
 //! The proxy-wasm glue: host calls in, pure decisions out. Everything it decides comes from the
 //! host-independent modules of the crate.
 
+/// `timed!(phase, expr)` is `expr`, timed in diagnostic builds (see `phases`).
+macro_rules! timed {
+    ($phase:expr, $e:expr) => {{
+        #[cfg(feature = "phase-timing")]
+        let out = crate::filter::phases::time($phase, || $e);
+        #[cfg(not(feature = "phase-timing"))]
+        let out = {
+            let _ = $phase;
+            $e
+        };
+        out
+    }};
+}
+
+/// The steps of a request that diagnostic builds time (indexes into `phases::NAMES`).
+mod phase {
+    pub const READ_HEADERS: usize = 1;
+    pub const SOURCE: usize = 2;
+    pub const NOW: usize = 3;
+    pub const DECIDE: usize = 4;
+    pub const METRIC: usize = 5;
+    pub const WRITE_HEADERS: usize = 6;
+    pub const RESPONSE_HEADERS: usize = 7;
+    pub const SHARED_GET: usize = 8;
+    pub const SHARED_SET: usize = 9;
+}
+
 mod host;
 mod http;
 mod metrics;
 mod nginx;
+#[cfg(feature = "phase-timing")]
+mod phases;
 mod root;
 
 use proxy_wasm::traits::RootContext;
