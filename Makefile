@@ -27,7 +27,7 @@ PYTEST_ARGS ?=
 IMAGE_DIR   := target/oci/keygate
 SYS_TOOLS   := docker-registry skopeo
 
-.PHONY: bench bench-envoy all deps rust-deps py-deps sys-deps build wasm cli image test unit lint fmt-check integration run clean distclean
+.PHONY: bench bench-envoy all deps rust-deps py-deps sys-deps build wasm wasm-timing cli image test unit lint fmt-check integration run clean distclean
 
 all: build
 
@@ -87,6 +87,12 @@ wasm: rust-deps
 cli:
 	$(CARGO) build --release --bin keygate
 
+# Diagnostic build, not for production: logs the wall time of each step of a request every
+# 20,000 requests (src/filter/phases.rs). Written to target/timing/, apart from the real module.
+wasm-timing: rust-deps
+	$(CARGO) rustc --release --target $(WASM_TARGET) --lib --crate-type cdylib --features phase-timing --target-dir target/timing
+	@echo "built target/timing/$(WASM_TARGET)/release/keygate.wasm"
+
 # Stdlib Python only (no venv, no Docker): scripts/oci-image.py writes the OCI image layout,
 # scripts/istio-manifests.py pins envoy/istio/wasmplugin.yaml to its digest.
 image: wasm
@@ -132,6 +138,7 @@ bench-envoy: py-deps wasm
 lint:
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) clippy --lib --target $(WASM_TARGET) -- -D warnings
+	$(CARGO) clippy --lib --target $(WASM_TARGET) --features phase-timing -- -D warnings
 
 fmt-check:
 	$(CARGO) fmt --check
