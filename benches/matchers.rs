@@ -106,7 +106,7 @@ fn per_request(c: &mut Criterion) {
     ];
     let req = Request {
         headers: &headers,
-        source: Some("127.0.0.2".parse().unwrap()),
+        source: &|| Some([127, 0, 0, 2].into()),
     };
     c.bench_function("whole decision (realistic config, in-memory store)", |b| {
         b.iter(|| decision::decide(&cfg, &mut state, &store, black_box(&req), 1_800_000_000))

@@ -53,7 +53,7 @@ fn main() {
             &store,
             &Request {
                 headers: &headers,
-                source: Some(ip),
+                source: &move || Some(ip),
             },
             now,
         );

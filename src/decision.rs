@@ -12,6 +12,7 @@ use crate::record::{self, Found, Record};
 use crate::response::{render_template, Class, RateContext};
 use crate::shared::{self, SharedStore};
 use sha2::{Digest, Sha256};
+use std::cell::OnceCell;
 use std::net::IpAddr;
 
 /// Keys longer than this are refused before hashing.
@@ -116,10 +117,11 @@ impl Outcome {
 }
 
 /// The request as the host hands it over: all headers (pseudo-headers included, names
-/// lowercase, values as raw bytes) and the connection's source address.
+/// lowercase, values as raw bytes) and the connection's source address, asked for only when a
+/// rule needs the client IP (in a filter it is a host call that returns data, one of the dear ones).
 pub struct Request<'a> {
     pub headers: &'a [(String, Vec<u8>)],
-    pub source: Option<IpAddr>,
+    pub source: &'a dyn Fn() -> Option<IpAddr>,
 }
 
 impl<'a> Request<'a> {
@@ -322,13 +324,18 @@ pub fn decide_cached(
     let credential = credential::find(&cfg.credentials, |n| req.header(n), query);
 
     // 2. Client IP and the global lists, before anything else (exempt requests included).
-    let xff = if cfg.xff_trusted_hops > 0 {
-        req.joined("x-forwarded-for")
-    } else {
-        None
+    let client = OnceCell::new();
+    let ip = || {
+        *client.get_or_init(|| {
+            let xff = if cfg.xff_trusted_hops > 0 {
+                req.joined("x-forwarded-for")
+            } else {
+                None
+            };
+            client_ip::client_ip((req.source)(), xff.as_deref(), cfg.xff_trusted_hops)
+        })
     };
-    let ip = client_ip::client_ip(req.source, xff.as_deref(), cfg.xff_trusted_hops);
-    let ip_ok = |set: &crate::ipset::IpSet| ip.is_some_and(|ip| set.contains(ip));
+    let ip_ok = |set: &crate::ipset::IpSet| ip().is_some_and(|ip| set.contains(ip));
     if (!cfg.ip_deny.is_empty() && ip_ok(&cfg.ip_deny))
         || (!cfg.ip_allow.is_empty() && !ip_ok(&cfg.ip_allow))
     {
@@ -370,7 +377,7 @@ pub fn decide_cached(
 
     // 6. Too many failed attempts from this client: refuse before looking anything up.
     if let Some(limit) = &cfg.invalid_key_limit {
-        if shared::ip_failures(store, ip, limit, now) >= limit.limit {
+        if shared::ip_failures(store, ip(), limit, now) >= limit.limit {
             let retry_after = ratelimit::failure_retry_after(limit, now);
             let ctx = RateContext {
                 retry_after,
@@ -411,7 +418,7 @@ pub fn decide_cached(
     };
     let Some(record) = record else {
         if let Some(limit) = &cfg.invalid_key_limit {
-            shared::add_ip_failure(store, ip, limit, now);
+            shared::add_ip_failure(store, ip(), limit, now);
         }
         return refused(cfg, Class::InvalidKey);
     };
@@ -420,7 +427,7 @@ pub fn decide_cached(
         store,
         req,
         &record,
-        ip,
+        &ip,
         &norm_path,
         method,
         &credential.location,
@@ -434,7 +441,7 @@ fn decide_key(
     store: &dyn SharedStore,
     req: &Request,
     record: &Record,
-    ip: Option<IpAddr>,
+    ip: &dyn Fn() -> Option<IpAddr>,
     norm_path: &str,
     method: &str,
     location: &Location,
@@ -454,7 +461,8 @@ fn decide_key(
     }
 
     // 9. The key's own IP list.
-    if !record.ip_allowed(ip) {
+    // (Allowed without an address only when the key has no list: then the IP is not needed.)
+    if !record.ip_allowed(None) && !record.ip_allowed(ip()) {
         return with_id(refused(cfg, Class::IpDenied));
     }
 
@@ -634,7 +642,7 @@ mod tests {
                 &store,
                 &Request {
                     headers: &h,
-                    source: None,
+                    source: &|| None,
                 },
                 100,
             )
@@ -669,7 +677,7 @@ mod tests {
         let h = request("GET", "/x", "minds_abc");
         let req = Request {
             headers: &h,
-            source: None,
+            source: &|| None,
         };
         let run = |list: &mut ListState, cache: &mut BucketCache| {
             decide_cached(&cfg, list, cache, &store, &req, 100).kind
@@ -701,5 +709,38 @@ mod tests {
             decide(&cfg, &mut list, &store, &req, 100).kind,
             Kind::Refused(Class::ExpiredKey)
         );
+    }
+
+    #[test]
+    fn the_source_address_is_asked_for_only_when_a_rule_needs_it() {
+        let (cfg, store) = whoami_setup();
+        let asked = std::cell::Cell::new(0);
+        let source = || {
+            asked.set(asked.get() + 1);
+            Some(IpAddr::from([127, 0, 0, 2]))
+        };
+        let h = request("GET", "/x", "minds_abc");
+        let run = |cfg: &Config| {
+            let mut list = ListState::from_meta(
+                shared::read_meta(&store).as_ref(),
+                &cfg.key_list.source_id(),
+            );
+            let req = Request {
+                headers: &h,
+                source: &source,
+            };
+            decide(cfg, &mut list, &store, &req, 100).kind
+        };
+        assert_eq!(run(&cfg), Kind::Allowed);
+        assert_eq!(asked.get(), 0, "no IP rule, no key IP list");
+
+        let mut with_allow = cfg.clone();
+        with_allow.ip_allow = crate::ipset::IpSet::parse(&["127.0.0.0/8"]).unwrap();
+        with_allow.invalid_key_limit = Some(crate::config::Limit {
+            limit: 5,
+            window_s: 60,
+        });
+        assert_eq!(run(&with_allow), Kind::Allowed);
+        assert_eq!(asked.get(), 1, "asked once, however many rules use it");
     }
 }

@@ -133,9 +133,10 @@ impl Gate {
     }
 
     fn run_at(&mut self, r: &Req, now: u64) -> Outcome {
+        let source = r.source;
         let req = keygate::decision::Request {
             headers: &r.headers,
-            source: r.source,
+            source: &move || source,
         };
         decide(&self.cfg, &mut self.list, &self.store, &req, now)
     }

@@ -37,17 +37,19 @@ impl HttpContext for Http {
         for (k, _) in headers.iter_mut() {
             k.make_ascii_lowercase();
         }
-        let source = timed!(
-            phase::SOURCE,
-            hostcalls::get_property(vec!["source", "address"])
-        )
-        .ok()
-        .flatten()
-        .and_then(|v| String::from_utf8(v).ok())
-        .and_then(|v| client_ip::connection_address(&v));
+        let source = || {
+            timed!(
+                phase::SOURCE,
+                hostcalls::get_property(vec!["source", "address"])
+            )
+            .ok()
+            .flatten()
+            .and_then(|v| String::from_utf8(v).ok())
+            .and_then(|v| client_ip::connection_address(&v))
+        };
         let req = Request {
             headers: &headers,
-            source,
+            source: &source,
         };
         let mut list = s.list.get();
         let now = timed!(phase::NOW, now_ms() / 1000);
