@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """keygate in real Envoy under load, side by side with the alternatives (`make bench`).
 
-    .venv/bin/python bench/run.py [--rounds N] [--duration S] [--quick] [--sections main,attribution,scale]
+    .venv/bin/python bench/run.py [--rounds N] [--duration S] [--quick] [--sections main,attribution,phases,scale]
 
 One command, one run. Everything listens on 127.0.0.1; every process started here is stopped
 (Envoys by PID through tests/integration/harness.py, wrk by PID, the key service is a thread of
@@ -19,6 +19,7 @@ key service to the second (`taskset`).
      E  D with 1,000,000 keys
    Upstream: a second listener of the *same* Envoy answering with a direct_response (UPSTREAM_NOTE).
 1b attribution: D without ip_allow / routes / rate limits / identity+strip, and bare.
+1c phases: wall time of each step inside the filter (diagnostic build, `make wasm-timing`).
 2  key-list scale (`--concurrency 2`): time to live and Envoy RSS for 1k/10k/100k/1M keys;
    2b: p99 while a 1M-key list is replaced by another 1M-key list under load.
 
@@ -54,6 +55,8 @@ import harness  # noqa: E402  (the integration tests' Envoy launcher; used as is
 NOOP_MANIFEST = HERE / "noop" / "Cargo.toml"
 NOOP_WASM = HERE / "noop" / "target" / "wasm32-wasip1" / "release" / "keygate_bench_noop.wasm"
 KEYGATE_WASM = harness.WASM_PATH
+TIMING_DIR = REPO / "target" / "timing"
+TIMING_WASM = TIMING_DIR / "wasm32-wasip1" / "release" / "keygate.wasm"
 RESULTS = HERE / "results.md"
 
 BENCH_PATH = "/v1/svc9/items/42"   # matches the 20th (last) route rule of D
@@ -304,9 +307,9 @@ class Spec:
     """One Envoy configuration to benchmark."""
 
     def __init__(self, name: str, title: str, kind: str, *, plugin: dict | None = None,
-                 doc: str | None = None, keys: int = 0, target: str = "main"):
+                 doc: str | None = None, keys: int = 0, target: str = "main", wasm: Path | None = None):
         self.name, self.title, self.kind = name, title, kind
-        self.plugin, self.doc, self.keys, self.target = plugin, doc, keys, target
+        self.plugin, self.doc, self.keys, self.target, self.wasm = plugin, doc, keys, target, wasm
 
 
 class Bench:
@@ -357,6 +360,8 @@ class Bench:
             env = harness.start_envoy("", None, up_port, wasm_path=NOOP_WASM, vm_id="noop", **common)
         else:
             ks = self.keyserver(spec.doc)
+            if spec.wasm:
+                common["wasm_path"] = spec.wasm
             env = harness.start_envoy(spec.plugin, ks.port, up_port,
                                       runtime={"http.async_response_buffer_limit": BIG}, **common)
         env.upstream_port = up_port  # type: ignore[attr-defined]
@@ -552,6 +557,33 @@ end
                 if fails:
                     raise RuntimeError(f"{spec.name}: wasm failures during load: {fails[:3]}")
             return res
+        finally:
+            env.stop()
+
+    def phases(self, windows: int = 5, limit_s: float = 90) -> list[dict[str, tuple[float, float]]]:
+        """D with the diagnostic build (`make wasm-timing`): every 20,000 requests the filter logs
+        the mean wall time of each step and how many times per request it ran. Load runs until
+        `windows` such lines are logged (or `limit_s`)."""
+        spec = Spec("D", "", "keygate", plugin=keygate_config(), doc="1k", keys=1_000, wasm=TIMING_WASM)
+        env = self.start(spec)
+        try:
+            self.wait_loaded(env, spec.keys)
+            t = time.monotonic()
+            out: list[dict[str, tuple[float, float]]] = []
+            while len(out) < windows and time.monotonic() - t < limit_s:
+                self.wrk(env.port, 5)
+                out = []
+                for line in env.log().splitlines():
+                    m = re.search(r"keygate phases over \d+ requests: (.*)$", line)
+                    if not m:
+                        continue
+                    steps = {}
+                    for part in m.group(1).split(", "):
+                        pm = re.match(r"(.+) ([\d.]+)us x([\d.]+)$", part.strip())
+                        if pm:
+                            steps[pm.group(1)] = (float(pm.group(2)), float(pm.group(3)))
+                    out.append(steps)
+            return out
         finally:
             env.stop()
 
@@ -969,6 +1001,30 @@ def run(args: argparse.Namespace) -> int:
             print("\n".join(sec), flush=True)
             md += sec
 
+        if "phases" in sections:
+            log("part 1c: where a request's time goes inside the filter (diagnostic build)")
+            subprocess.run(["cargo", "rustc", "--quiet", "--release", "--target", "wasm32-wasip1", "--lib",
+                            "--crate-type", "cdylib", "--features", "phase-timing", "--target-dir", str(TIMING_DIR)],
+                           check=True, cwd=REPO)
+            windows = bench.phases()[1:]  # the first window includes the warm-up
+            sec = ["## 1c. Inside the filter: wall time per step of an allowed D request (diagnostic build)", "",
+                   "`make wasm-timing` builds keygate with `--features phase-timing`: the filter reads the host's "
+                   "nanosecond clock around each step and logs the means every 20,000 requests. Each reading is "
+                   "itself a host call (the *clock* row: one empty pair), so every row is inflated by about that "
+                   "much. *shared get/set* are inside *decide*. Medians over the logged windows of one D run "
+                   f"({len(windows)} windows).", "",
+                   "| step | µs per call | calls per request | µs per request |", "|---|---:|---:|---:|"]
+            if windows:
+                for name in windows[0]:
+                    per_call = statistics.median(w[name][0] for w in windows if name in w)
+                    per_req = statistics.median(w[name][1] for w in windows if name in w)
+                    sec.append(f"| {name} | {per_call:.2f} | {per_req:.2f} | {per_call * per_req:.2f} |")
+            else:
+                sec.append("| (no window logged: too few requests) | | | |")
+            sec.append("")
+            print("\n".join(sec), flush=True)
+            md += sec
+
         if "scale" in sections:
             sizes = [("1k", 1_000), ("10k", 10_000), ("100k", 100_000), ("1m", 1_000_000)]
             log("part 2: key-list scale (--concurrency 2)")
@@ -1060,8 +1116,8 @@ def main() -> int:
     p.add_argument("--attribution-rounds", type=int, default=4, help="rounds of the attribution section (default 4)")
     p.add_argument("--swap-duration", type=float, default=35,
                    help="length of the run during which the 1M-key list is replaced (default 35, --quick 20)")
-    p.add_argument("--sections", default="main,attribution,scale",
-                   help="comma-separated subset of main (1), attribution (1b), scale (2 and 2b)")
+    p.add_argument("--sections", default="main,attribution,phases,scale",
+                   help="comma-separated subset of main (1), attribution (1b), phases (1c), scale (2 and 2b)")
     p.add_argument("--no-attribution", action="store_true", help="skip section 1b")
     p.add_argument("--no-scale", action="store_true", help="skip sections 2 and 2b")
     p.add_argument("--wait-quiet", type=float, default=120,
@@ -1076,7 +1132,7 @@ def main() -> int:
         args.rounds, args.duration, args.warmup, args.swap_duration, args.wait_quiet, args.retries = 1, 3, 1, 20, 0, 0
         args.attribution_rounds = 1
     args.sections = [x.strip() for x in args.sections.split(",") if x.strip()]
-    bad = [x for x in args.sections if x not in ("main", "attribution", "scale")]
+    bad = [x for x in args.sections if x not in ("main", "attribution", "phases", "scale")]
     if bad:
         p.error(f"--sections: unknown {bad}")
     if args.no_attribution and "attribution" in args.sections:
