@@ -5,9 +5,10 @@
 use crate::client_ip;
 use crate::config::{Config, ExemptRule, SiteSource};
 use crate::credential::{self, Location};
+use crate::dictionary;
 use crate::path;
 use crate::ratelimit::{self, Counted};
-use crate::record::{self, Found, Record};
+use crate::record::{self, Found, Located, Record};
 use crate::response::{render_template, Class, RateContext};
 use crate::shared::{self, SharedStore};
 use sha2::{Digest, Sha256};
@@ -241,8 +242,8 @@ fn lookup(
             ))
             .0
             .unwrap_or_default();
-        match record::find(buf, hash) {
-            Found::Moved => {
+        match record::locate(buf, hash) {
+            Located::Moved => {
                 *list = ListState::from_meta(shared::read_meta(store).as_ref(), source);
                 if !list.loaded {
                     return None;
@@ -365,14 +366,19 @@ pub fn decide(
                 .iter()
                 .any(|p| key.starts_with(p.as_bytes())));
     let mut buf = Vec::new();
+    let dict;
     let record = if well_formed {
         let hash: [u8; 32] = Sha256::digest(key).into();
         match lookup(store, list, source, &hash, &mut buf) {
             None => return refused(cfg, Class::Unavailable),
-            Some(()) => match record::find(&buf, &hash) {
-                Found::Key(r) => Some(r),
-                _ => None,
-            },
+            Some(()) => {
+                // This VM's copy of the bucket's dictionary (read only when it changed).
+                dict = dictionary::for_bucket(store, &buf);
+                match dict.as_deref().map(|d| record::find(&buf, &hash, d)) {
+                    Some(Found::Key(r)) => Some(r),
+                    _ => None,
+                }
+            }
         }
     } else {
         None

@@ -6,6 +6,7 @@ pub mod client_ip;
 pub mod config;
 pub mod credential;
 pub mod decision;
+pub mod dictionary;
 pub mod ipset;
 pub mod keylist;
 pub mod path;
@@ -13,6 +14,7 @@ pub mod ratelimit;
 pub mod record;
 pub mod response;
 pub mod routes;
+pub mod scan;
 pub mod shared;
 pub mod time;
 
