@@ -6,7 +6,7 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use keygate::config::{self, Limit};
 use keygate::decision::{self, ListState, Request};
 use keygate::ipset::IpSet;
-use keygate::shared::{self, MemoryStore, Publisher};
+use keygate::shared::{self, MemoryStore, Publisher, SharedStore};
 use keygate::{dictionary, record};
 use keygate::{keylist, path, ratelimit};
 use sha2::{Digest, Sha256};

@@ -6,7 +6,7 @@
 //! header carries with the slot it is in: two slots alternate, so the one a reader may still
 //! need is never the one being overwritten, and a reader checks the tag of what it read.
 
-use crate::ratelimit::fnv1a;
+use crate::ratelimit::{fnv1a, Fnv};
 use crate::record;
 use crate::shared::SharedStore;
 use std::cell::RefCell;
@@ -35,7 +35,7 @@ pub fn tag(bytes: &[u8]) -> u64 {
 /// Collects entries while a list is compiled; deterministic, so an unchanged list gives the same
 /// dictionary and the same buckets.
 pub struct Builder {
-    index: HashMap<Vec<u8>, u32>,
+    index: HashMap<Vec<u8>, u32, Fnv>,
     bytes: Vec<u8>,
     limit: usize,
 }
@@ -49,7 +49,7 @@ impl Default for Builder {
 impl Builder {
     pub fn with_limit(limit: usize) -> Builder {
         Builder {
-            index: HashMap::new(),
+            index: HashMap::default(),
             bytes: Vec::new(),
             limit,
         }

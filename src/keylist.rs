@@ -6,6 +6,7 @@
 use crate::config::{json_error, validate_limits, Limit};
 use crate::dictionary;
 use crate::ipset::IpSet;
+use crate::ratelimit::Fnv;
 use crate::record::{self, Entry};
 use crate::scan::{self, Body, Position, Sink};
 use crate::time;
@@ -169,12 +170,12 @@ pub fn parse(body: &[u8]) -> Result<KeyList, String> {
 
 /// What keys resolve against: the plans' limits and the active owners.
 struct Context {
-    plans: HashMap<String, Option<Vec<Limit>>>,
-    owners: Option<HashSet<String>>,
+    plans: HashMap<String, Option<Vec<Limit>>, Fnv>,
+    owners: Option<HashSet<String, Fnv>>,
 }
 
 fn context(head: &RawHead) -> Result<Context, String> {
-    let mut plans = HashMap::new();
+    let mut plans = HashMap::default();
     for (name, plan) in &head.plans {
         if let Some(l) = &plan.rate_limits {
             validate_limits(&format!("plans.{name}.rate_limits"), l)?;
@@ -268,7 +269,7 @@ struct Compiler {
     /// One per key: `(upper half of the id's FNV-1a) << 32 | offset of its record`.
     ids: Vec<u64>,
     dict: dictionary::Builder,
-    scratch: Vec<u8>,
+    scratch: record::Scratch,
     count: usize,
     /// The first syntax error in an element: it outranks every other error.
     syntax: Option<String>,
@@ -407,7 +408,7 @@ impl Compiler {
             order: Vec::with_capacity(size / 90),
             ids: Vec::with_capacity(size / 90),
             dict: dictionary::Builder::default(),
-            scratch: Vec::new(),
+            scratch: record::Scratch::default(),
             count: 0,
             syntax: None,
             failed: None,
@@ -889,5 +890,59 @@ mod tests {
         let l = parse(doc(&format!(r#"{{"id":"a\u0041","hash":"{H1}","owner":"o"}}"#)).as_bytes())
             .unwrap();
         assert_eq!(keys(&l)[0].id, "aA");
+    }
+}
+
+#[cfg(test)]
+mod chunked {
+    use super::*;
+    use proptest::prelude::*;
+
+    const GOOD: &str = r#"{"version":"v","owners":{"o":{}},"plans":{"p":{"rate_limits":[{"limit":1,"window_s":2}]}},"keys":[
+      {"id":"a","hash":"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08","owner":"o","plan":"p","scopes":["x:*","y"]},
+      {"id":"b\u0041","hash":"60303AE22B998861BCE3B28F33EEC1BE758A213C86C93C076DBE9F558C11C752","owner":"q","sites":["1"],"allowed_ips":["10.0.0.0/8"],"expires_at":5}]}"#;
+
+    fn answer(doc: &[u8], chunk: usize) -> Result<(usize, Vec<Vec<u8>>), String> {
+        read(&mut scan::Slice { data: doc, chunk }, doc.len())
+            .map(|l| (l.len(), l.records().map(<[u8]>::to_vec).collect()))
+    }
+
+    #[test]
+    fn chunk_sizes_do_not_change_the_answer() {
+        let whole = answer(GOOD.as_bytes(), usize::MAX);
+        assert_eq!(whole.as_ref().map(|(n, _)| *n), Ok(2));
+        for chunk in [1, 7, 4096] {
+            assert_eq!(answer(GOOD.as_bytes(), chunk), whole, "chunk {chunk}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn truncated_and_mangled_documents_never_panic(
+            cut in 0..GOOD.len(),
+            flip in 0..GOOD.len(),
+            byte in any::<u8>(),
+            chunk in 1usize..64,
+        ) {
+            let mut doc = GOOD.as_bytes()[..cut.max(flip + 1).min(GOOD.len())].to_vec();
+            let at = flip.min(doc.len() - 1);
+            doc[at] = byte;
+            // Whatever the chunks, the same answer as in one piece (and no panic).
+            prop_assert_eq!(answer(&doc, chunk), answer(&doc, usize::MAX));
+            let truncated = &GOOD.as_bytes()[..cut];
+            prop_assert_eq!(answer(truncated, chunk), answer(truncated, usize::MAX));
+        }
+
+        #[test]
+        fn garbage_never_panics(doc in proptest::collection::vec(
+            prop_oneof![Just(b'{'), Just(b'}'), Just(b'['), Just(b']'), Just(b'"'), Just(b'\\'),
+                        Just(b','), Just(b':'), Just(b' '), Just(b'\n'), Just(b'k'), any::<u8>()], 0..200),
+            chunk in 1usize..16,
+        ) {
+            let mut with_keys = br#"{"keys":["#.to_vec();
+            with_keys.extend_from_slice(&doc);
+            prop_assert_eq!(answer(&with_keys, chunk), answer(&with_keys, usize::MAX));
+            prop_assert_eq!(answer(&doc, chunk), answer(&doc, usize::MAX));
+        }
     }
 }

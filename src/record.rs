@@ -113,11 +113,18 @@ fn put_strs<S: AsRef<str>>(out: &mut Vec<u8>, items: &[S]) {
     }
 }
 
-/// Appends one record (see the module note); `scratch` is reused between calls.
+/// Buffers reused from one record to the next.
+#[derive(Default)]
+pub struct Scratch {
+    body: Vec<u8>,
+    value: Vec<u8>,
+}
+
+/// Appends one record (see the module note).
 pub fn encode<S: AsRef<str>>(
     e: &Entry<'_, S>,
     dict: &mut dictionary::Builder,
-    scratch: &mut Vec<u8>,
+    scratch: &mut Scratch,
     out: &mut Vec<u8>,
 ) {
     let mut flags = 0;
@@ -134,7 +141,7 @@ pub fn encode<S: AsRef<str>>(
             flags |= flag;
         }
     }
-    let body = scratch;
+    let Scratch { body, value } = scratch;
     body.clear();
     body.extend_from_slice(&e.hash);
     body.push(flags);
@@ -143,26 +150,26 @@ pub fn encode<S: AsRef<str>>(
     }
     put_varint(body, e.id.len() as u64);
     body.extend_from_slice(e.id.as_bytes());
-    let mut value = Vec::new();
     put_field(body, e.owner.as_bytes(), dict);
     if flags & FLAG_IPS != 0 {
-        e.allowed_ips.encode(&mut value);
-        put_field(body, &value, dict);
+        value.clear();
+        e.allowed_ips.encode(value);
+        put_field(body, value, dict);
     }
     for (flag, items) in [(FLAG_SITES, e.sites), (FLAG_SCOPES, e.scopes)] {
         if flags & flag != 0 {
             value.clear();
-            put_strs(&mut value, items);
-            put_field(body, &value, dict);
+            put_strs(value, items);
+            put_field(body, value, dict);
         }
     }
     if let Some(limits) = e.limits {
         value.clear();
         for l in limits {
-            put_varint(&mut value, l.limit);
-            put_varint(&mut value, l.window_s);
+            put_varint(value, l.limit);
+            put_varint(value, l.window_s);
         }
-        put_field(body, &value, dict);
+        put_field(body, value, dict);
     }
     put_varint(out, body.len() as u64);
     out.extend_from_slice(body);
@@ -425,7 +432,7 @@ mod tests {
             let mut dict = dictionary::Builder::with_limit(max);
             let mut bucket = Vec::new();
             bucket_header(&mut bucket, 0, 0);
-            let mut scratch = Vec::new();
+            let mut scratch = Scratch::default();
             let mut hashes: Vec<[u8; 32]> = (0..3).map(|i| hash(&format!("k{i}"))).collect();
             hashes.sort();
             for (i, h) in hashes.iter().enumerate() {
@@ -495,7 +502,7 @@ mod tests {
             scopes: &["x:*"],
             limits: Some(&[]),
         };
-        encode(&e, &mut dict, &mut Vec::new(), &mut b);
+        encode(&e, &mut dict, &mut Scratch::default(), &mut b);
         for cut in 0..b.len() {
             let _ = find(&b[..cut], &h, &d);
             let mut flipped = b.clone();

@@ -231,21 +231,35 @@ impl Scanner<'_> {
     /// Inside the `keys` array: the hot loop over a million elements.
     fn in_keys(&mut self, chunk: &[u8], base: usize, mut i: usize) -> usize {
         while i < chunk.len() {
+            if self.in_string {
+                if self.escaped {
+                    self.escaped = false;
+                    i += 1;
+                    continue;
+                }
+                // Most of the document is string contents: skip to the next byte that matters.
+                let Some(n) = chunk[i..]
+                    .iter()
+                    .position(|c| matches!(c, b'"' | b'\\' | b'\n'))
+                else {
+                    return chunk.len();
+                };
+                i += n;
+                match chunk[i] {
+                    b'"' => self.in_string = false,
+                    b'\\' => self.escaped = true,
+                    _ => {
+                        self.line += 1;
+                        self.line_start = base + i + 1;
+                    }
+                }
+                i += 1;
+                continue;
+            }
             let b = chunk[i];
             if b == b'\n' {
                 self.line += 1;
                 self.line_start = base + i + 1;
-            }
-            if self.in_string {
-                if self.escaped {
-                    self.escaped = false;
-                } else if b == b'\\' {
-                    self.escaped = true;
-                } else if b == b'"' {
-                    self.in_string = false;
-                }
-                i += 1;
-                continue;
             }
             if self.depth == 2 && !self.elem_open {
                 match b {
