@@ -6,21 +6,29 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use keygate::config::{self, Limit};
 use keygate::decision::{self, ListState, Request};
 use keygate::ipset::IpSet;
-use keygate::record;
-use keygate::shared::{self, MemoryStore, Publisher};
+use keygate::shared::{self, MemoryStore, Publisher, SharedStore};
+use keygate::{dictionary, record};
 use keygate::{keylist, path, ratelimit};
+use sha2::{Digest, Sha256};
 use std::net::IpAddr;
 
 fn per_request(c: &mut Criterion) {
     let list = keylist::parse(common::key_list_json(1000).as_bytes()).unwrap();
-    let bits = record::bucket_bits(list.keys.len());
-    let buckets = record::build_buckets(&list.keys, bits);
-    let probe = list.keys[500].hash;
+    let store = MemoryStore::default();
+    let meta = Publisher::default().publish(&store, &list, None, "s", 1);
+    let probe: [u8; 32] = Sha256::digest(common::key(500).as_bytes()).into();
+    let bucket = store
+        .get(&shared::bucket_key(
+            meta.bits,
+            record::bucket_index(&probe, meta.bits),
+        ))
+        .0
+        .unwrap();
+    let dict = dictionary::for_bucket(&store, &bucket).unwrap();
     c.bench_function("bucket lookup (1k keys)", |b| {
         b.iter(|| {
-            let bucket = &buckets[record::bucket_index(&probe, bits) as usize];
             black_box(matches!(
-                record::find(bucket, black_box(&probe)),
+                record::find(&bucket, black_box(&probe), &dict),
                 record::Found::Key(_)
             ))
         })
@@ -125,8 +133,8 @@ fn load_time(c: &mut Criterion) {
         b.iter(|| keylist::parse(black_box(doc.as_bytes())).unwrap())
     });
     let list = keylist::parse(doc.as_bytes()).unwrap();
-    g.bench_function("build buckets 10k keys", |b| {
-        b.iter(|| record::build_buckets(&list.keys, record::bucket_bits(list.keys.len())))
+    g.bench_function("publish 10k keys (in-memory store)", |b| {
+        b.iter(|| Publisher::default().publish(&MemoryStore::default(), &list, None, "s", 1))
     });
     g.finish();
 }

@@ -6,9 +6,10 @@ use crate::bucket_cache::BucketCache;
 use crate::client_ip;
 use crate::config::{Config, ExemptRule, KeyListSource, SiteSource};
 use crate::credential::{self, Location};
+use crate::dictionary;
 use crate::path;
 use crate::ratelimit::{self, Counted};
-use crate::record::{self, Found, Record};
+use crate::record::{self, Found, Located, Record};
 use crate::response::{render_template, Class, RateContext};
 use crate::shared::{self, SharedStore};
 use sha2::{Digest, Sha256};
@@ -257,8 +258,8 @@ fn lookup(
                 false
             }
         };
-        match record::find(buf, hash) {
-            Found::Moved => {
+        match record::locate(buf, hash) {
+            Located::Moved => {
                 *list =
                     ListState::from_meta(shared::read_meta(store).as_ref(), &source.source_id());
                 if !list.loaded {
@@ -404,14 +405,19 @@ pub fn decide_cached(
                 .iter()
                 .any(|p| key.starts_with(p.as_bytes())));
     let mut buf = Vec::new();
+    let dict;
     let record = if well_formed {
         let hash: [u8; 32] = Sha256::digest(key).into();
         match lookup(store, list, cache, &cfg.key_list, &hash, &mut buf) {
             None => return refused(cfg, Class::Unavailable),
-            Some(()) => match record::find(&buf, &hash) {
-                Found::Key(r) => Some(r),
-                _ => None,
-            },
+            Some(()) => {
+                // This VM's copy of the bucket's dictionary (read only when it changed).
+                dict = dictionary::for_bucket(store, &buf);
+                match dict.as_deref().map(|d| record::find(&buf, &hash, d)) {
+                    Some(Found::Key(r)) => Some(r),
+                    _ => None,
+                }
+            }
         }
     } else {
         None

@@ -7,6 +7,7 @@ pub mod client_ip;
 pub mod config;
 pub mod credential;
 pub mod decision;
+pub mod dictionary;
 pub mod ipset;
 pub mod keylist;
 pub mod path;
@@ -14,6 +15,7 @@ pub mod ratelimit;
 pub mod record;
 pub mod response;
 pub mod routes;
+pub mod scan;
 pub mod shared;
 pub mod time;
 

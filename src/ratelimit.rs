@@ -24,6 +24,32 @@ pub fn fnv1a(data: &[u8]) -> u64 {
     h
 }
 
+/// FNV-1a as a `BuildHasher`, for the maps filled while a large list loads: its keys are short
+/// and come from the operator, so SipHash's flood resistance buys nothing there.
+#[derive(Clone, Copy, Default)]
+pub struct Fnv;
+
+pub struct FnvHasher(u64);
+
+impl std::hash::BuildHasher for Fnv {
+    type Hasher = FnvHasher;
+    fn build_hasher(&self) -> FnvHasher {
+        FnvHasher(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl std::hash::Hasher for FnvHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= *b as u64;
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
 pub fn window_start(now: u64, window_s: u64) -> u64 {
     now - now % window_s.max(1)
 }

@@ -4,6 +4,7 @@
 //! Layout (all names start with `keygate:`):
 //! - `meta`: JSON `Meta` — which bucket layout is live, when the list was last fetched.
 //! - `b:<bits>:<index>`: the key buckets of `record`.
+//! - `dict:<0|1>`: the dictionary the buckets refer to (`dictionary`), in two alternating slots.
 //! - `rl:<slot>` and `ip:<slot>`: the fixed counter tables of `ratelimit`, made before traffic.
 //! - `lease`: which root context fetches the key list (one per instance, not per worker).
 //!
@@ -12,6 +13,7 @@
 //! is correct for both.
 
 use crate::config::Limit;
+use crate::dictionary;
 use crate::keylist::KeyList;
 use crate::ratelimit::{self, Counted, IP_SLOTS, KEY_SLOTS};
 use crate::record::{self, BUCKET_MOVED};
@@ -70,6 +72,11 @@ pub struct Meta {
     /// The key-list source this list came from (cluster and path), so a reconfigured filter
     /// does not serve a list fetched for another source.
     pub source: String,
+    /// The dictionary of the live buckets: its slot and tag (0: none).
+    #[serde(default)]
+    pub dict_slot: u8,
+    #[serde(default)]
+    pub dict_tag: u64,
 }
 
 pub fn read_meta(store: &dyn SharedStore) -> Option<Meta> {
@@ -123,8 +130,9 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Publishes a validated list: new buckets first, then the meta record that makes them
-    /// live, then a `moved` mark over a replaced layout so no worker keeps reading it.
+    /// Publishes a validated list: its dictionary and new buckets first, then the meta record
+    /// that makes them live, then a `moved` mark over a replaced layout so no worker keeps
+    /// reading it. Buckets are built one at a time in one buffer, from the list's hash order.
     pub fn publish(
         &mut self,
         store: &dyn SharedStore,
@@ -134,28 +142,52 @@ impl Publisher {
         now: u64,
     ) -> Meta {
         let previous = read_meta(store).unwrap_or_default();
-        let bits = record::bucket_bits(list.keys.len());
-        let buckets = record::build_buckets(&list.keys, bits);
+        let bits = record::bucket_bits(list.len());
+        let tag = dictionary::tag(list.dictionary());
+        // A new dictionary goes to the other slot: the current one may still be read.
+        let slot = if tag == 0 || (previous.generation > 0 && previous.dict_tag == tag) {
+            previous.dict_slot
+        } else {
+            let slot = if previous.generation > 0 {
+                previous.dict_slot ^ 1
+            } else {
+                0
+            };
+            let value = dictionary::shared_value(list.dictionary());
+            overwrite(store, &dictionary::slot_key(slot), &value);
+            slot
+        };
         // Only our own last publish tells which buckets still hold what we wrote.
         let known = self.generation == previous.generation && self.bits == bits;
-        let mut digests = Vec::with_capacity(buckets.len());
-        for (i, b) in buckets.iter().enumerate() {
-            let d = ratelimit::fnv1a(b);
+        let mut digests = Vec::with_capacity(1 << bits);
+        let mut records = list.sorted().peekable();
+        let mut bucket = Vec::new();
+        for i in 0..1u32 << bits {
+            bucket.clear();
+            record::bucket_header(&mut bucket, slot, tag);
+            while let Some((_, r)) =
+                records.next_if(|(lead, _)| (*lead as u64) >> (32 - bits as u32) == i as u64)
+            {
+                bucket.extend_from_slice(r);
+            }
+            let d = ratelimit::fnv1a(&bucket);
             digests.push(d);
-            if known && self.digests.get(i) == Some(&d) {
+            if known && self.digests.get(i as usize) == Some(&d) {
                 continue;
             }
-            overwrite(store, &bucket_key(bits, i as u32), b);
+            overwrite(store, &bucket_key(bits, i), &bucket);
         }
         let meta = Meta {
             generation: previous.generation + 1,
             bits,
-            keys: list.keys.len() as u64,
+            keys: list.len() as u64,
             version: list.version.clone(),
             etag,
             fetched_at: now,
             loaded_at: now,
             source: source.to_string(),
+            dict_slot: slot,
+            dict_tag: tag,
         };
         write_meta(store, &meta);
         if previous.generation > 0 && previous.bits != bits {
@@ -262,93 +294,142 @@ impl SharedStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keylist::KeyEntry;
+    use crate::keylist::{self, KeyList};
     use crate::record::{bucket_index, find, Found};
+    use sha2::{Digest, Sha256};
 
-    fn entry(i: u32) -> KeyEntry {
-        KeyEntry::sample(&format!("key{i}"), &format!("id{i}"))
+    fn hash(i: u32) -> [u8; 32] {
+        Sha256::digest(format!("key{i}").as_bytes()).into()
     }
 
-    fn lookup<'a>(
-        store: &MemoryStore,
-        meta: &Meta,
-        e: &KeyEntry,
-        buf: &'a mut Vec<u8>,
-    ) -> Found<'a> {
-        *buf = store
-            .get(&bucket_key(meta.bits, bucket_index(&e.hash, meta.bits)))
+    /// Keys `ids` (owner `org<i % 3>`, scopes `scope`), those in `revoked` not active.
+    fn list(ids: std::ops::Range<u32>, revoked: &[u32], scope: &str) -> KeyList {
+        let keys: Vec<String> = ids
+            .map(|i| {
+                let h: String = hash(i).iter().map(|b| format!("{b:02x}")).collect();
+                let status = if revoked.contains(&i) { "revoked" } else { "active" };
+                format!(
+                    r#"{{"id":"id{i}","hash":"{h}","owner":"org{}","status":"{status}","scopes":["{scope}"]}}"#,
+                    i % 3
+                )
+            })
+            .collect();
+        keylist::parse(format!(r#"{{"version":"1","keys":[{}]}}"#, keys.join(",")).as_bytes())
+            .unwrap()
+    }
+
+    #[derive(Debug, PartialEq)]
+    enum Seen {
+        Key {
+            id: String,
+            active: bool,
+            owner: String,
+            scopes: Vec<String>,
+        },
+        Absent,
+        Moved,
+    }
+
+    fn lookup(store: &MemoryStore, meta: &Meta, key: u32) -> Seen {
+        let h = hash(key);
+        let bucket = store
+            .get(&bucket_key(meta.bits, bucket_index(&h, meta.bits)))
             .0
             .unwrap_or_default();
-        find(buf, &e.hash)
+        let Some(dict) = dictionary::for_bucket(store, &bucket) else {
+            return Seen::Moved;
+        };
+        match find(&bucket, &h, &dict) {
+            Found::Key(r) => Seen::Key {
+                id: r.id.to_string(),
+                active: r.active,
+                owner: r.owner.to_string(),
+                scopes: r.scopes().map(str::to_string).collect(),
+            },
+            Found::Absent => Seen::Absent,
+            Found::Moved => Seen::Moved,
+        }
+    }
+
+    fn active(store: &MemoryStore, meta: &Meta, key: u32) -> Option<bool> {
+        match lookup(store, meta, key) {
+            Seen::Key { active, .. } => Some(active),
+            _ => None,
+        }
     }
 
     #[test]
     fn publish_replace_and_relayout() {
         let store = MemoryStore::default();
         let mut p = Publisher::default();
-        let small = KeyList {
-            version: Some("1".into()),
-            keys: (0..10).map(entry).collect(),
-        };
+        let small = list(0..10, &[], "a:*");
         let m1 = p.publish(&store, &small, Some("\"e1\"".into()), "ks/v1", 100);
         assert_eq!((m1.generation, m1.keys), (1, 10));
         assert_eq!(read_meta(&store).unwrap(), m1);
-        let mut buf = Vec::new();
-        assert!(
-            matches!(lookup(&store, &m1, &small.keys[3], &mut buf), Found::Key(r) if r.id == "id3")
+        assert_eq!(
+            lookup(&store, &m1, 3),
+            Seen::Key {
+                id: "id3".into(),
+                active: true,
+                owner: "org0".into(),
+                scopes: vec!["a:*".into()]
+            }
         );
 
-        // Revoke one key: only its bucket changes.
-        let mut revoked = small.clone();
-        revoked.keys[3].active = false;
+        // Revoke one key: only its bucket changes (the dictionary is the same).
         let writes_before = store.next_cas.get();
-        let m2 = p.publish(&store, &revoked, None, "ks/v1", 110);
+        let m2 = p.publish(&store, &list(0..10, &[3], "a:*"), None, "ks/v1", 110);
         assert_eq!(
             store.next_cas.get() - writes_before,
             2,
             "one bucket and the meta"
         );
-        assert!(
-            matches!(lookup(&store, &m2, &small.keys[3], &mut buf), Found::Key(r) if !r.active)
-        );
+        assert_eq!(active(&store, &m2, 3), Some(false));
+        assert_eq!(m2.dict_slot, m1.dict_slot);
 
         // Grow: a new layout, and the old one answers `moved`.
-        let big = KeyList {
-            version: None,
-            keys: (0..5000).map(entry).collect(),
-        };
-        let m3 = p.publish(&store, &big, None, "ks/v1", 120);
+        let m3 = p.publish(&store, &list(0..5000, &[], "a:*"), None, "ks/v1", 120);
         assert_ne!(m3.bits, m1.bits);
-        assert_eq!(lookup(&store, &m1, &big.keys[0], &mut buf), Found::Moved);
-        assert!(matches!(
-            lookup(&store, &m3, &big.keys[4999], &mut buf),
-            Found::Key(_)
-        ));
+        assert_eq!(lookup(&store, &m1, 0), Seen::Moved);
+        assert_eq!(active(&store, &m3, 4999), Some(true));
         // A key removed from the list is absent.
-        let fewer = KeyList {
-            version: None,
-            keys: (1..5000).map(entry).collect(),
-        };
-        let m4 = p.publish(&store, &fewer, None, "ks/v1", 130);
-        assert_eq!(lookup(&store, &m4, &big.keys[0], &mut buf), Found::Absent);
+        let m4 = p.publish(&store, &list(1..5000, &[], "a:*"), None, "ks/v1", 130);
+        assert_eq!(lookup(&store, &m4, 0), Seen::Absent);
 
         touch(&store, 999);
         assert_eq!(read_meta(&store).unwrap().fetched_at, 999);
     }
 
     #[test]
+    fn a_new_dictionary_goes_to_the_other_slot() {
+        let store = MemoryStore::default();
+        let mut p = Publisher::default();
+        let m1 = p.publish(&store, &list(0..100, &[], "a:*"), None, "s", 1);
+        assert_ne!(m1.dict_tag, 0);
+        let m2 = p.publish(&store, &list(0..100, &[], "b:*"), None, "s", 2);
+        assert_ne!(m2.dict_slot, m1.dict_slot);
+        assert_ne!(m2.dict_tag, m1.dict_tag);
+        for i in 0..100 {
+            let Seen::Key { scopes, owner, .. } = lookup(&store, &m2, i) else {
+                panic!("key {i}")
+            };
+            assert_eq!(
+                (scopes, owner),
+                (vec!["b:*".to_string()], format!("org{}", i % 3))
+            );
+        }
+        // Back to the first dictionary: the slot flips again and the answers follow.
+        let m3 = p.publish(&store, &list(0..100, &[], "a:*"), None, "s", 3);
+        assert_eq!(m3.dict_slot, m1.dict_slot);
+        assert!(matches!(lookup(&store, &m3, 7), Seen::Key { scopes, .. } if scopes == ["a:*"]));
+    }
+
+    #[test]
     fn a_new_leader_rewrites_everything() {
         let store = MemoryStore::default();
-        let list = KeyList {
-            version: None,
-            keys: (0..10).map(entry).collect(),
-        };
-        Publisher::default().publish(&store, &list, None, "s", 1);
-        let mut changed = list.clone();
-        changed.keys[0].active = false;
-        let m = Publisher::default().publish(&store, &changed, None, "s", 2);
-        let mut buf = Vec::new();
-        assert!(matches!(lookup(&store, &m, &list.keys[0], &mut buf), Found::Key(r) if !r.active));
+        Publisher::default().publish(&store, &list(0..10, &[], "a:*"), None, "s", 1);
+        let m = Publisher::default().publish(&store, &list(0..10, &[0], "a:*"), None, "s", 2);
+        assert_eq!(active(&store, &m, 0), Some(false));
     }
 
     #[test]

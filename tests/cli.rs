@@ -214,7 +214,7 @@ fn new_keeps_the_rest_of_the_document_and_writes_every_given_field() {
         serde_json::json!([{"limit":60,"window_s":60},{"limit":1000,"window_s":3600}])
     );
     let list_parsed = keygate::keylist::parse(&fs::read(&list).unwrap()).unwrap();
-    assert_eq!(list_parsed.keys.len(), 2);
+    assert_eq!(list_parsed.len(), 2);
 
     // Unix-seconds expiry is stored as a number.
     let out = new_key(

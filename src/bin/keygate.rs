@@ -206,7 +206,7 @@ fn check_keys(a: &args::Args) -> Result<(), Failure> {
         keygate::keylist::parse(&data).map_err(|e| Failure::Error(format!("{file}: {e}")))?;
     say(&format!(
         "ok: {} keys (version {})\n",
-        list.keys.len(),
+        list.len(),
         list.version.as_deref().unwrap_or("none")
     ))
 }

@@ -179,10 +179,19 @@ impl Root {
             ))
         } else {
             self.hold_lease(now, PUBLISH_LEASE_MS);
-            let body = self
-                .get_http_call_response_body(0, body_size)
-                .unwrap_or_default();
-            match keylist::parse(&body) {
+            // Read in chunks as it is parsed: the body is never copied into this VM whole.
+            let parsed = {
+                let mut body = |offset: usize, max: usize| {
+                    let len = max.min(body_size.saturating_sub(offset));
+                    if len == 0 {
+                        return Vec::new();
+                    }
+                    self.get_http_call_response_body(offset, len)
+                        .unwrap_or_default()
+                };
+                keylist::read(&mut body, body_size)
+            };
+            match parsed {
                 Err(e) => Err((Fetch::Rejected, format!("document rejected: {e}"))),
                 Ok(list) => {
                     let meta = self.publisher.publish(

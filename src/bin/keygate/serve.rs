@@ -324,7 +324,7 @@ impl Server {
             match keygate::keylist::parse(&body) {
                 Ok(list) => log!(
                     "keygate serve: {shown}: {} keys (version {}), ETag {etag}",
-                    list.keys.len(),
+                    list.len(),
                     list.version.as_deref().unwrap_or("none")
                 ),
                 Err(e) => log!(
