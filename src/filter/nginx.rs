@@ -3,7 +3,8 @@
 //! whole-map setter stops silently at the read-only `:scheme`. So nothing is removed: identity
 //! goes out through the nginx variables `$keygate_key_id` / `$keygate_key_owner`, which the
 //! configuration sends with `proxy_set_header` (dropping every client-sent copy); a consumed
-//! credential header is blanked in place; the query is rewritten through `$args`.
+//! credential header is blanked in place; the query is rewritten through `$args`. It also ignores
+//! the offset of a buffer read, so the key list cannot be read in chunks there (see `root`).
 
 use crate::config::Config;
 use crate::decision::Outcome;

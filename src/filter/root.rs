@@ -146,6 +146,22 @@ impl Root {
         }
     }
 
+    /// Whether the host honours the offset of a read of the key-list body (ngx_wasm_module
+    /// always reads from the start): bytes read at offset 1 must be the same bytes read from 0.
+    /// A head of one repeated byte cannot tell, and counts as no.
+    fn reads_at_offset(&self, body_size: usize) -> bool {
+        if body_size < 2 {
+            return true;
+        }
+        let n = body_size.min(65);
+        let head = self.get_http_call_response_body(0, n).unwrap_or_default();
+        let tail = self
+            .get_http_call_response_body(1, n - 1)
+            .unwrap_or_default();
+        let telling = head.windows(2).any(|w| w[0] != w[1]);
+        telling && head.get(1..) == Some(tail.as_slice())
+    }
+
     fn on_fetched(&mut self, num_headers: usize, body_size: usize) {
         let Some(s) = self.shared.clone() else { return };
         let kl = &s.config.key_list;
@@ -180,14 +196,27 @@ impl Root {
         } else {
             self.hold_lease(now, PUBLISH_LEASE_MS);
             // Read in chunks as it is parsed: the body is never copied into this VM whole.
+            // ngx_wasm_module ignores the offset of a read, so there it is read once, whole.
+            let whole = if !self.reads_at_offset(body_size) {
+                Some(
+                    self.get_http_call_response_body(0, body_size)
+                        .unwrap_or_default(),
+                )
+            } else {
+                None
+            };
             let parsed = {
                 let mut body = |offset: usize, max: usize| {
                     let len = max.min(body_size.saturating_sub(offset));
                     if len == 0 {
                         return Vec::new();
                     }
-                    self.get_http_call_response_body(offset, len)
-                        .unwrap_or_default()
+                    match &whole {
+                        Some(all) => all.get(offset..offset + len).unwrap_or_default().to_vec(),
+                        None => self
+                            .get_http_call_response_body(offset, len)
+                            .unwrap_or_default(),
+                    }
                 };
                 keylist::read(&mut body, body_size)
             };
