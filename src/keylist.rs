@@ -3,6 +3,8 @@
 //! request needs exactly one record). Neither the document nor a parsed form of its keys is ever
 //! held whole: each key goes from its JSON slice straight into one arena of records.
 
+mod fast;
+
 use crate::config::{json_error, validate_limits, Limit};
 use crate::dictionary;
 use crate::ipset::IpSet;
@@ -299,6 +301,12 @@ impl Sink for Compiler {
         if self.failed.is_some() || self.ctx.is_none() {
             // Only a syntax error can still come first.
             self.syntax = syntax_error(with_end, at);
+            return;
+        }
+        if let Some(k) = fast::parse(bytes) {
+            if let Err(f) = self.add(i, k) {
+                self.failed = Some(f);
+            }
             return;
         }
         let mut track = serde_path_to_error::Track::new();
