@@ -467,8 +467,7 @@ fn decide_key(
     }
 
     // 9. The key's own IP list.
-    // (Allowed without an address only when the key has no list: then the IP is not needed.)
-    if !record.ip_allowed(None) && !record.ip_allowed(ip()) {
+    if !record.ip_allowed(ip) {
         return with_id(refused(cfg, Class::IpDenied));
     }
 

@@ -336,11 +336,13 @@ impl<'a> Record<'a> {
         })
     }
 
-    pub fn ip_allowed(&self, ip: Option<std::net::IpAddr>) -> bool {
+    /// Whether the key's own IP list admits the client; the client IP is asked for only when
+    /// the key has a list (reading the source address is a host call).
+    pub fn ip_allowed(&self, ip: impl FnOnce() -> Option<std::net::IpAddr>) -> bool {
         match self.allowed_ips {
             None => true,
             Some(set) if IpSet::is_empty_encoded(set) => true,
-            Some(set) => ip.is_some_and(|ip| IpSet::contains_encoded(set, ip)),
+            Some(set) => ip().is_some_and(|ip| IpSet::contains_encoded(set, ip)),
         }
     }
 
@@ -459,14 +461,14 @@ mod tests {
             assert_eq!(r.limits().as_deref(), Some(&limits[..]));
             assert_eq!(r.sites().collect::<Vec<_>>(), ["123", "456"]);
             assert_eq!(r.scopes().collect::<Vec<_>>(), ["contacts:*"]);
-            assert!(r.ip_allowed(Some("10.1.2.3".parse().unwrap())));
-            assert!(r.ip_allowed(Some("::ffff:10.1.2.3".parse().unwrap())));
-            assert!(!r.ip_allowed(Some("11.1.2.3".parse().unwrap())));
-            assert!(!r.ip_allowed(None));
+            assert!(r.ip_allowed(|| Some("10.1.2.3".parse().unwrap())));
+            assert!(r.ip_allowed(|| Some("::ffff:10.1.2.3".parse().unwrap())));
+            assert!(!r.ip_allowed(|| Some("11.1.2.3".parse().unwrap())));
+            assert!(!r.ip_allowed(|| None));
             let Found::Key(r) = find(&bucket, &hashes[0], &d) else {
                 panic!()
             };
-            assert!(r.active && r.ip_allowed(None) && r.sites().next().is_none());
+            assert!(r.active && r.ip_allowed(|| None) && r.sites().next().is_none());
             assert_eq!(r.limits(), None);
             let Found::Key(r) = find(&bucket, &hashes[2], &d) else {
                 panic!()
