@@ -18,26 +18,26 @@ pub struct BucketCache {
 impl BucketCache {
     /// The cached value of bucket `index` of layout `bits` in `generation`.
     pub fn get(&mut self, generation: u64, bits: u8, index: u32) -> Option<&[u8]> {
-        if generation != self.generation || bits != self.bits {
-            self.buckets.clear();
-            self.generation = generation;
-            self.bits = bits;
-            return None;
-        }
+        self.follow(generation, bits);
         self.buckets.get(&index).map(Vec::as_slice)
     }
 
     pub fn put(&mut self, generation: u64, bits: u8, index: u32, value: Vec<u8>) {
-        if generation != self.generation || bits != self.bits {
-            self.buckets.clear();
-            self.generation = generation;
-            self.bits = bits;
-        }
+        self.follow(generation, bits);
         if self.buckets.len() >= CAPACITY {
             // Dropping everything is as good as LRU for a working set that does not fit.
             self.buckets.clear();
         }
         self.buckets.insert(index, value);
+    }
+
+    /// Empties the cache when the live list is another generation or layout than its buckets'.
+    fn follow(&mut self, generation: u64, bits: u8) {
+        if generation != self.generation || bits != self.bits {
+            self.buckets.clear();
+            self.generation = generation;
+            self.bits = bits;
+        }
     }
 
     pub fn len(&self) -> usize {
