@@ -871,6 +871,11 @@ def run(args: argparse.Namespace) -> int:
     bench = Bench(args, workdir, cpus)
     sections = args.sections
     md: list[str] = []
+
+    def emit(sec: list[str]) -> None:
+        """A finished section: to stdout now, to bench/results.md at the end."""
+        print("\n".join(sec), flush=True)
+        md.extend(sec)
     try:
         initial_other = bench.quiet(args.wait_quiet)
         if initial_other > 0.10:
@@ -949,8 +954,7 @@ def run(args: argparse.Namespace) -> int:
                     "", "Per round (req/s, p99 ms, CPU µs/req, other load):", ""]
             sec += rounds_table(specs, res)
             sec.append("")
-            print("\n".join(sec), flush=True)
-            md += sec
+            emit(sec)
 
         if "attribution" in sections:
             att = [
@@ -998,8 +1002,7 @@ def run(args: argparse.Namespace) -> int:
                     "", "Per round (req/s, p99 ms, CPU µs/req, other load):", ""]
             sec += rounds_table(att, ares)
             sec.append("")
-            print("\n".join(sec), flush=True)
-            md += sec
+            emit(sec)
 
         if "phases" in sections:
             log("part 1c: where a request's time goes inside the filter (diagnostic build)")
@@ -1022,8 +1025,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 sec.append("| (no window logged: too few requests) | | | |")
             sec.append("")
-            print("\n".join(sec), flush=True)
-            md += sec
+            emit(sec)
 
         if "scale" in sections:
             sizes = [("1k", 1_000), ("10k", 10_000), ("100k", 100_000), ("1m", 1_000_000)]
@@ -1062,8 +1064,7 @@ def run(args: argparse.Namespace) -> int:
                 sec += ["", f"- RSS 1M − 1k = **{d:.0f} MiB** ({d * 1024 * 1024 / 999_000:.0f} bytes per extra key); "
                             f"peak 1M − 1k = {dp:.0f} MiB."]
             sec.append("")
-            print("\n".join(sec), flush=True)
-            md += sec
+            emit(sec)
 
             log("part 2b: replacing a 1M-key list by another 1M-key list under load")
             sw = bench.swap()
@@ -1093,8 +1094,7 @@ def run(args: argparse.Namespace) -> int:
                     f"- p99 during the swap ÷ steady p99 before = **{d_['p99'] / b['p99']:.2f}×**; max "
                     f"{d_['max'] / 1e3:.1f} ms vs {b['max'] / 1e3:.1f} ms; slowest probe during the swap run "
                     f"{d_['slowest_probe_s'] * 1e3:.0f} ms; throughput {d_['rps'] / b['rps'] * 100:.0f}% of steady state.", ""]
-            print("\n".join(sec), flush=True)
-            md += sec
+            emit(sec)
 
         md.append(f"_Total run time {(time.monotonic() - started) / 60:.1f} min._")
         RESULTS.write_text("\n".join(md) + "\n")
