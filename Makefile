@@ -80,17 +80,18 @@ sys-deps:
 # ---------------------------------------------------------------------------------------------
 build: wasm cli
 
+# What every proxy-wasm user types: the workspace's default member is the filter crate.
 wasm: rust-deps
-	$(CARGO) rustc --release --target $(WASM_TARGET) --lib --crate-type cdylib
+	$(CARGO) build --release --target $(WASM_TARGET)
 	@test -f $(WASM) || { echo "expected $(WASM) after the build" >&2; exit 1; }
 
 cli:
-	$(CARGO) build --release --bin keygate
+	$(CARGO) build --release -p keygate-cli
 
 # Diagnostic build, not for production: logs the wall time of each step of a request every
-# 20,000 requests (src/filter/phases.rs). Written to target/timing/, apart from the real module.
+# 20,000 requests (crates/filter/src/phases.rs). Written to target/timing/, apart from the real module.
 wasm-timing: rust-deps
-	$(CARGO) rustc --release --target $(WASM_TARGET) --lib --crate-type cdylib --features phase-timing --target-dir target/timing
+	$(CARGO) build --release --target $(WASM_TARGET) -p keygate-filter --features phase-timing --target-dir target/timing
 	@echo "built target/timing/$(WASM_TARGET)/release/keygate.wasm"
 
 # Stdlib Python only (no venv, no Docker): scripts/oci-image.py writes the OCI image layout,
@@ -111,11 +112,11 @@ test: deps build image
 	$(MAKE) integration
 
 unit:
-	$(CARGO) test
+	$(CARGO) test --workspace
 
 bench: deps build
-	$(CARGO) bench --bench matchers
-	$(CARGO) bench --bench shared_memory
+	$(CARGO) bench -p keygate-core --bench matchers
+	$(CARGO) bench -p keygate-core --bench shared_memory
 	$(MAKE) bench-envoy
 
 # keygate in real Envoy under load next to router-only, Envoy's native api_key_auth +
@@ -136,12 +137,12 @@ bench-envoy: py-deps wasm
 	$(VENV_PY) bench/run.py $(BENCH_ARGS)
 
 lint:
-	$(CARGO) clippy --all-targets -- -D warnings
-	$(CARGO) clippy --lib --target $(WASM_TARGET) -- -D warnings
-	$(CARGO) clippy --lib --target $(WASM_TARGET) --features phase-timing -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p keygate-core -p keygate-filter --lib --target $(WASM_TARGET) -- -D warnings
+	$(CARGO) clippy -p keygate-filter --lib --target $(WASM_TARGET) --features phase-timing -- -D warnings
 
 fmt-check:
-	$(CARGO) fmt --check
+	$(CARGO) fmt --all --check
 
 integration: $(VENV_STAMP)
 	$(VENV_PY) -m pytest -q -p no:cacheprovider tests/integration $(PYTEST_ARGS)

@@ -1006,8 +1006,8 @@ def run(args: argparse.Namespace) -> int:
 
         if "phases" in sections:
             log("part 1c: where a request's time goes inside the filter (diagnostic build)")
-            subprocess.run(["cargo", "rustc", "--quiet", "--release", "--target", "wasm32-wasip1", "--lib",
-                            "--crate-type", "cdylib", "--features", "phase-timing", "--target-dir", str(TIMING_DIR)],
+            subprocess.run(["cargo", "build", "--quiet", "--release", "--target", "wasm32-wasip1", "-p", "keygate-filter",
+                            "--features", "phase-timing", "--target-dir", str(TIMING_DIR)],
                            check=True, cwd=REPO)
             windows = bench.phases()[1:]  # the first window includes the warm-up
             sec = ["## 1c. Inside the filter: wall time per step of an allowed D request (diagnostic build)", "",

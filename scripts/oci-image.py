@@ -39,6 +39,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,17 +66,12 @@ def canonical_json(obj) -> bytes:
 
 
 def crate_version() -> str:
-    text = (REPO / "Cargo.toml").read_text(encoding="utf-8")
-    in_package = False
-    for line in text.splitlines():
-        s = line.strip()
-        if s.startswith("["):
-            in_package = s == "[package]"
-        elif in_package:
-            m = re.match(r'version\s*=\s*"([^"]+)"', s)
-            if m:
-                return m.group(1)
-    raise SystemExit("oci-image: no [package] version in Cargo.toml")
+    """The workspace's version ([workspace.package] of the root Cargo.toml)."""
+    data = tomllib.loads((REPO / "Cargo.toml").read_text(encoding="utf-8"))
+    version = data.get("workspace", {}).get("package", {}).get("version")
+    if not isinstance(version, str):
+        raise SystemExit("oci-image: no [workspace.package] version in Cargo.toml")
+    return version
 
 
 def layer_tar(wasm: bytes) -> bytes:

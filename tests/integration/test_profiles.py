@@ -135,7 +135,7 @@ def test_keygate_json_shape(api):
 
 def _cli() -> Path:
     if not harness.CLI_PATH.exists():
-        pytest.skip("target/release/keygate not built: cargo build --release --bin keygate")
+        pytest.skip("target/release/keygate not built: make cli")
     return harness.CLI_PATH
 
 

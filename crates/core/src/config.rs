@@ -1,0 +1,904 @@
+//! Plugin configuration (SPEC §1): parsed strictly, validated whole, compiled into the form the
+//! per-request path uses. Every error names the field (as a JSON path) and the bad value.
+
+use crate::ipset::IpSet;
+use crate::path;
+use crate::response::{Class, ErrorResponse, Responses};
+use crate::routes::RouteTable;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// A fixed-window limit: at most `limit` requests per `window_s` seconds.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(deny_unknown_fields)]
+pub struct Limit {
+    pub limit: u64,
+    pub window_s: u64,
+}
+
+/// Longest window accepted: ten years keeps every window end far inside u64/i64 arithmetic.
+pub const MAX_WINDOW_S: u64 = 10 * 366 * 86_400;
+
+impl Limit {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.window_s == 0 || self.window_s > MAX_WINDOW_S {
+            return Err(format!(
+                "window_s: {} is out of range 1..={MAX_WINDOW_S}",
+                self.window_s
+            ));
+        }
+        if self.limit > u32::MAX as u64 {
+            return Err(format!("limit: {} is larger than {}", self.limit, u32::MAX));
+        }
+        Ok(())
+    }
+}
+
+/// Validates a list of limits, naming the bad entry as `<field>[i].<sub>`.
+pub fn validate_limits(field: &str, limits: &[Limit]) -> Result<(), String> {
+    for (i, l) in limits.iter().enumerate() {
+        l.validate().map_err(|e| format!("{field}[{i}].{e}"))?;
+    }
+    Ok(())
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyListSource {
+    pub cluster: String,
+    pub path: String,
+    pub authority: String,
+    pub headers: Vec<(String, String)>,
+    pub refresh_s: u64,
+    pub timeout_ms: u64,
+    pub max_bytes: usize,
+    pub fail_open: bool,
+    pub max_stale_s: u64,
+}
+
+impl KeyListSource {
+    /// Identifies where a published list came from (see `shared::Meta::source`).
+    pub fn source_id(&self) -> String {
+        format!("{}|{}|{}", self.cluster, self.authority, self.path)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CredentialSource {
+    /// A request header (name lowercased); with `scheme`, only `<scheme> <key>` values count.
+    Header {
+        name: String,
+        scheme: Option<String>,
+    },
+    /// A query parameter, percent-decoded.
+    Query { name: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathMatch {
+    Prefix(String),
+    Exact(String),
+}
+
+impl PathMatch {
+    /// `normalized` must come from `path::normalize`.
+    pub fn matches(&self, normalized: &str) -> bool {
+        match self {
+            PathMatch::Prefix(p) => path::prefix_matches(p, normalized),
+            PathMatch::Exact(p) => p == normalized,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExemptRule {
+    pub preflight: bool,
+    pub method: Option<String>,
+    pub path: Option<PathMatch>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SiteSource {
+    PathSegment(usize),
+    Header(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub path: PathMatch,
+    pub methods: Vec<String>,
+    pub scope: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeaderStyle {
+    XRateLimit,
+    Ietf,
+    Both,
+    None,
+}
+
+/// The identity endpoint extension: keygate answers `path` itself for a valid key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Whoami {
+    pub path: String,
+    /// Methods answered (default GET and HEAD); others go upstream like any allowed request.
+    pub methods: Vec<String>,
+    pub status: u32,
+    pub body: String,
+    pub content_type: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub key_list: KeyListSource,
+    pub credentials: Vec<CredentialSource>,
+    pub key_prefixes: Vec<String>,
+    pub exempt: Vec<ExemptRule>,
+    pub xff_trusted_hops: u32,
+    pub ip_allow: IpSet,
+    pub ip_deny: IpSet,
+    pub site: Option<SiteSource>,
+    pub routes: RouteTable,
+    pub default_limits: Vec<Limit>,
+    pub header_style: HeaderStyle,
+    pub invalid_key_limit: Option<Limit>,
+    pub strip_credential: bool,
+    pub key_id_header: Option<String>,
+    pub owner_header: Option<String>,
+    /// How each class answers (SPEC §4 defaults with `errors` merged over them).
+    pub responses: Responses,
+    pub whoami: Option<Whoami>,
+}
+
+impl Config {
+    pub fn response(&self, class: Class) -> &ErrorResponse {
+        self.responses.get(class)
+    }
+}
+
+// ---- raw, as written by the operator ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    key_list: RawKeyList,
+    credentials: Option<Vec<RawCredential>>,
+    #[serde(default)]
+    key_prefixes: Vec<String>,
+    #[serde(default)]
+    exempt: Vec<RawExempt>,
+    client_ip: Option<RawClientIp>,
+    #[serde(default)]
+    ip_allow: Vec<String>,
+    #[serde(default)]
+    ip_deny: Vec<String>,
+    site: Option<RawSite>,
+    #[serde(default)]
+    routes: Vec<RawRoute>,
+    rate_limit: Option<RawRateLimit>,
+    invalid_key_limit: Option<Limit>,
+    upstream: Option<RawUpstream>,
+    #[serde(default)]
+    errors: BTreeMap<String, RawError>,
+    whoami: Option<RawWhoami>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeyList {
+    cluster: String,
+    path: String,
+    authority: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default = "default_refresh_s")]
+    refresh_s: u64,
+    #[serde(default = "default_timeout_ms")]
+    timeout_ms: u64,
+    #[serde(default = "default_max_bytes")]
+    max_bytes: u64,
+    #[serde(default)]
+    fail_open: bool,
+    #[serde(default)]
+    max_stale_s: u64,
+}
+
+fn default_refresh_s() -> u64 {
+    30
+}
+fn default_timeout_ms() -> u64 {
+    5000
+}
+fn default_max_bytes() -> u64 {
+    32 * 1024 * 1024
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredential {
+    header: Option<String>,
+    scheme: Option<String>,
+    query: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExempt {
+    #[serde(default)]
+    preflight: bool,
+    method: Option<String>,
+    path_prefix: Option<String>,
+    path_exact: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClientIp {
+    #[serde(default)]
+    xff_trusted_hops: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSite {
+    path_segment: Option<usize>,
+    header: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    path_prefix: Option<String>,
+    path_exact: Option<String>,
+    methods: Option<Vec<String>>,
+    scope: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    #[serde(default)]
+    default: Vec<Limit>,
+    #[serde(default = "default_header_style")]
+    headers: String,
+}
+
+fn default_header_style() -> String {
+    "x-ratelimit".to_string()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    #[serde(default = "default_true")]
+    strip_credential: bool,
+    #[serde(default = "absent", deserialize_with = "present")]
+    key_id_header: Option<Option<String>>,
+    #[serde(default = "absent", deserialize_with = "present")]
+    owner_header: Option<Option<String>>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Tells an absent field (`None`) from an explicit `null` (`Some(None)`).
+fn absent() -> Option<Option<String>> {
+    None
+}
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawError {
+    status: Option<u32>,
+    body: Option<String>,
+    content_type: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWhoami {
+    path: String,
+    methods: Option<Vec<String>>,
+    #[serde(default = "default_whoami_status")]
+    status: u32,
+    #[serde(default = "default_whoami_body")]
+    body: String,
+    content_type: Option<String>,
+}
+
+fn default_whoami_status() -> u32 {
+    200
+}
+fn default_whoami_body() -> String {
+    r#"{"id":"{owner}","key_id":"{key_id}"}"#.to_string()
+}
+
+/// A header name we may read or write: an HTTP token, stored lowercase.
+fn header_name(field: &str, name: &str) -> Result<String, String> {
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if !ok {
+        return Err(format!("{field}: invalid header name {name:?}"));
+    }
+    Ok(name.to_ascii_lowercase())
+}
+
+/// A header value we write: visible ASCII and spaces/tabs only, so the host never rejects it.
+fn header_value(field: &str, value: &str) -> Result<String, String> {
+    if value
+        .bytes()
+        .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
+    {
+        Ok(value.to_string())
+    } else {
+        Err(format!("{field}: invalid header value {value:?}"))
+    }
+}
+
+fn path_match(
+    field: &str,
+    prefix: Option<String>,
+    exact: Option<String>,
+) -> Result<Option<PathMatch>, String> {
+    let check = |sub: &str, p: &str| -> Result<String, String> {
+        if !p.starts_with('/') {
+            return Err(format!("{field}.{sub}: {p:?} must start with '/'"));
+        }
+        Ok(path::normalize(p))
+    };
+    match (prefix, exact) {
+        (Some(_), Some(_)) => Err(format!("{field}: path_prefix and path_exact are exclusive")),
+        (Some(p), None) => Ok(Some(PathMatch::Prefix(check("path_prefix", &p)?))),
+        (None, Some(p)) => Ok(Some(PathMatch::Exact(check("path_exact", &p)?))),
+        (None, None) => Ok(None),
+    }
+}
+
+fn method(field: &str, m: &str) -> Result<String, String> {
+    if m.is_empty()
+        || !m
+            .bytes()
+            .all(|b| b.is_ascii_alphabetic() || b == b'-' || b == b'_')
+    {
+        return Err(format!("{field}: invalid method {m:?}"));
+    }
+    Ok(m.to_ascii_uppercase())
+}
+
+/// A JSON error named by the path of the field it is about; a syntax error has no such field.
+pub(crate) fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> String {
+    let path = e.path().to_string();
+    let inner = e.inner();
+    if inner.is_syntax() || inner.is_eof() {
+        format!("invalid JSON: {inner}")
+    } else if path == "." {
+        inner.to_string()
+    } else {
+        format!("{path}: {inner}")
+    }
+}
+
+/// Parses and validates a plugin configuration document.
+pub fn parse(json: &[u8]) -> Result<Config, String> {
+    let de = &mut serde_json::Deserializer::from_slice(json);
+    let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(json_error)?;
+    compile(raw)
+}
+
+fn compile(raw: RawConfig) -> Result<Config, String> {
+    let kl = raw.key_list;
+    if kl.cluster.is_empty() {
+        return Err("key_list.cluster: must not be empty".into());
+    }
+    if !kl.path.starts_with('/') {
+        return Err(format!("key_list.path: {:?} must start with '/'", kl.path));
+    }
+    if kl.refresh_s == 0 || kl.refresh_s > 86_400 {
+        return Err(format!(
+            "key_list.refresh_s: {} is out of range 1..=86400",
+            kl.refresh_s
+        ));
+    }
+    if kl.timeout_ms == 0 || kl.timeout_ms > 600_000 {
+        return Err(format!(
+            "key_list.timeout_ms: {} is out of range 1..=600000",
+            kl.timeout_ms
+        ));
+    }
+    if kl.max_bytes == 0 || kl.max_bytes > (1 << 32) {
+        return Err(format!(
+            "key_list.max_bytes: {} is out of range 1..=4294967296",
+            kl.max_bytes
+        ));
+    }
+    let authority = kl.authority.unwrap_or_else(|| kl.cluster.clone());
+    if authority.is_empty() {
+        return Err("key_list.authority: must not be empty".into());
+    }
+    let mut headers = Vec::new();
+    for (k, v) in kl.headers {
+        let field = format!("key_list.headers.{k}");
+        headers.push((header_name(&field, &k)?, header_value(&field, &v)?));
+    }
+    let key_list = KeyListSource {
+        cluster: kl.cluster,
+        path: kl.path,
+        authority,
+        headers,
+        refresh_s: kl.refresh_s,
+        timeout_ms: kl.timeout_ms,
+        max_bytes: kl.max_bytes as usize,
+        fail_open: kl.fail_open,
+        max_stale_s: kl.max_stale_s,
+    };
+
+    let raw_credentials = raw.credentials.unwrap_or_else(|| {
+        vec![
+            RawCredential {
+                header: Some("x-api-key".into()),
+                scheme: None,
+                query: None,
+            },
+            RawCredential {
+                header: Some("authorization".into()),
+                scheme: Some("Bearer".into()),
+                query: None,
+            },
+        ]
+    });
+    if raw_credentials.is_empty() {
+        return Err("credentials: must name at least one source".into());
+    }
+    let mut credentials = Vec::new();
+    for (i, c) in raw_credentials.into_iter().enumerate() {
+        let field = format!("credentials[{i}]");
+        credentials.push(match (c.header, c.query, c.scheme) {
+            (Some(h), None, scheme) => {
+                let name = header_name(&format!("{field}.header"), &h)?;
+                if let Some(s) = &scheme {
+                    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_graphic()) {
+                        return Err(format!("{field}.scheme: invalid scheme {s:?}"));
+                    }
+                }
+                CredentialSource::Header { name, scheme }
+            }
+            (None, Some(q), None) => {
+                if q.is_empty() {
+                    return Err(format!("{field}.query: must not be empty"));
+                }
+                CredentialSource::Query { name: q }
+            }
+            (None, Some(_), Some(s)) => {
+                return Err(format!(
+                    "{field}.scheme: {s:?} applies only to a header source"
+                ))
+            }
+            _ => return Err(format!("{field}: needs exactly one of header or query")),
+        });
+    }
+
+    for (i, p) in raw.key_prefixes.iter().enumerate() {
+        if p.is_empty() {
+            return Err(format!("key_prefixes[{i}]: must not be empty"));
+        }
+    }
+
+    let mut exempt = Vec::new();
+    for (i, e) in raw.exempt.into_iter().enumerate() {
+        let field = format!("exempt[{i}]");
+        let rule = ExemptRule {
+            preflight: e.preflight,
+            method: e
+                .method
+                .map(|m| method(&format!("{field}.method"), &m))
+                .transpose()?,
+            path: path_match(&field, e.path_prefix, e.path_exact)?,
+        };
+        if !rule.preflight && rule.method.is_none() && rule.path.is_none() {
+            return Err(format!("{field}: an empty rule would exempt every request"));
+        }
+        exempt.push(rule);
+    }
+
+    let xff_trusted_hops = raw.client_ip.map(|c| c.xff_trusted_hops).unwrap_or(0);
+    if xff_trusted_hops > 64 {
+        return Err(format!(
+            "client_ip.xff_trusted_hops: {xff_trusted_hops} is out of range 0..=64"
+        ));
+    }
+    let ip_allow = IpSet::parse(&raw.ip_allow).map_err(|e| format!("ip_allow{e}"))?;
+    let ip_deny = IpSet::parse(&raw.ip_deny).map_err(|e| format!("ip_deny{e}"))?;
+
+    let site = match raw.site {
+        None => None,
+        Some(RawSite {
+            path_segment: Some(n),
+            header: None,
+        }) => {
+            if n == 0 {
+                return Err("site.path_segment: 0 is out of range (segments count from 1)".into());
+            }
+            Some(SiteSource::PathSegment(n))
+        }
+        Some(RawSite {
+            path_segment: None,
+            header: Some(h),
+        }) => Some(SiteSource::Header(header_name("site.header", &h)?)),
+        Some(_) => return Err("site: needs exactly one of path_segment or header".into()),
+    };
+
+    let mut routes = Vec::new();
+    for (i, r) in raw.routes.into_iter().enumerate() {
+        let field = format!("routes[{i}]");
+        let path = path_match(&field, r.path_prefix, r.path_exact)?
+            .ok_or_else(|| format!("{field}: needs path_prefix or path_exact"))?;
+        let mut methods = Vec::new();
+        for (j, m) in r.methods.unwrap_or_default().iter().enumerate() {
+            methods.push(method(&format!("{field}.methods[{j}]"), m)?);
+        }
+        if let Some(s) = &r.scope {
+            if s.is_empty() {
+                return Err(format!("{field}.scope: must not be empty"));
+            }
+        }
+        routes.push(Route {
+            path,
+            methods,
+            scope: r.scope,
+        });
+    }
+
+    let (default_limits, header_style) = match raw.rate_limit {
+        None => (Vec::new(), HeaderStyle::XRateLimit),
+        Some(rl) => {
+            validate_limits("rate_limit.default", &rl.default)?;
+            let style = match rl.headers.as_str() {
+                "x-ratelimit" => HeaderStyle::XRateLimit,
+                "ietf" => HeaderStyle::Ietf,
+                "both" => HeaderStyle::Both,
+                "none" => HeaderStyle::None,
+                other => {
+                    return Err(format!(
+                        "rate_limit.headers: {other:?} is not one of \"x-ratelimit\", \"ietf\", \"both\", \"none\""
+                    ))
+                }
+            };
+            (rl.default, style)
+        }
+    };
+
+    if let Some(l) = &raw.invalid_key_limit {
+        l.validate().map_err(|e| format!("invalid_key_limit.{e}"))?;
+    }
+
+    let (strip_credential, key_id_header, owner_header) = match raw.upstream {
+        None => (
+            true,
+            Some("x-api-key-id".to_string()),
+            Some("x-api-key-owner".to_string()),
+        ),
+        Some(u) => {
+            let resolve = |field: &str, v: Option<Option<String>>, default: &str| match v {
+                None => Ok(Some(default.to_string())),
+                Some(None) => Ok(None),
+                Some(Some(name)) => header_name(field, &name).map(Some),
+            };
+            (
+                u.strip_credential,
+                resolve("upstream.key_id_header", u.key_id_header, "x-api-key-id")?,
+                resolve("upstream.owner_header", u.owner_header, "x-api-key-owner")?,
+            )
+        }
+    };
+    for (field, h) in [
+        ("upstream.key_id_header", &key_id_header),
+        ("upstream.owner_header", &owner_header),
+    ] {
+        if let Some(h) = h {
+            if h.starts_with(':') || h == "host" {
+                return Err(format!("{field}: {h:?} cannot be an identity header"));
+            }
+        }
+    }
+
+    let mut responses = Responses::default();
+    for (name, e) in raw.errors {
+        let field = format!("errors.{name}");
+        let class = Class::from_name(&name).ok_or_else(|| {
+            format!("{field}: unknown class {name:?} (expected one of missing_key, invalid_key, expired_key, forbidden, ip_denied, rate_limited, unavailable)")
+        })?;
+        let r = responses.get_mut(class);
+        if let Some(s) = e.status {
+            if !(200..=599).contains(&s) {
+                return Err(format!("{field}.status: {s} is out of range 200..=599"));
+            }
+            r.status = s;
+        }
+        if let Some(b) = e.body {
+            r.body = b;
+        }
+        if let Some(ct) = e.content_type {
+            r.content_type = header_value(&format!("{field}.content_type"), &ct)?;
+        }
+        for (k, v) in e.headers {
+            let hf = format!("{field}.headers.{k}");
+            r.headers
+                .push((header_name(&hf, &k)?, header_value(&hf, &v)?));
+        }
+    }
+
+    let whoami = match raw.whoami {
+        None => None,
+        Some(w) => {
+            if !w.path.starts_with('/') {
+                return Err(format!("whoami.path: {:?} must start with '/'", w.path));
+            }
+            if !(200..=599).contains(&w.status) {
+                return Err(format!(
+                    "whoami.status: {} is out of range 200..=599",
+                    w.status
+                ));
+            }
+            let content_type = match w.content_type {
+                Some(ct) => header_value("whoami.content_type", &ct)?,
+                None => "application/json".to_string(),
+            };
+            let mut methods = Vec::new();
+            for (j, m) in w
+                .methods
+                .unwrap_or_else(|| vec!["GET".into(), "HEAD".into()])
+                .iter()
+                .enumerate()
+            {
+                methods.push(method(&format!("whoami.methods[{j}]"), m)?);
+            }
+            Some(Whoami {
+                path: path::normalize(&w.path),
+                methods,
+                status: w.status,
+                body: w.body,
+                content_type,
+            })
+        }
+    };
+
+    Ok(Config {
+        key_list,
+        credentials,
+        key_prefixes: raw.key_prefixes,
+        exempt,
+        xff_trusted_hops,
+        ip_allow,
+        ip_deny,
+        site,
+        routes: RouteTable::new(routes),
+        default_limits,
+        header_style,
+        invalid_key_limit: raw.invalid_key_limit,
+        strip_credential,
+        key_id_header,
+        owner_header,
+        responses,
+        whoami,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"{"key_list":{"cluster":"keyservice","path":"/v1/keys"}}"#;
+
+    fn err(json: &str) -> String {
+        parse(json.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn minimal_config_gets_spec_defaults() {
+        let c = parse(MINIMAL.as_bytes()).unwrap();
+        assert_eq!(c.key_list.authority, "keyservice");
+        assert_eq!(c.key_list.refresh_s, 30);
+        assert_eq!(c.key_list.timeout_ms, 5000);
+        assert_eq!(c.key_list.max_bytes, 33_554_432);
+        assert!(!c.key_list.fail_open);
+        assert_eq!(c.key_list.max_stale_s, 0);
+        assert_eq!(
+            c.credentials,
+            vec![
+                CredentialSource::Header {
+                    name: "x-api-key".into(),
+                    scheme: None
+                },
+                CredentialSource::Header {
+                    name: "authorization".into(),
+                    scheme: Some("Bearer".into())
+                }
+            ]
+        );
+        assert_eq!(c.header_style, HeaderStyle::XRateLimit);
+        assert!(c.strip_credential);
+        assert_eq!(c.key_id_header.as_deref(), Some("x-api-key-id"));
+        assert_eq!(c.owner_header.as_deref(), Some("x-api-key-owner"));
+        assert!(c.default_limits.is_empty() && c.invalid_key_limit.is_none());
+        assert_eq!(c.response(Class::Unavailable).status, 503);
+    }
+
+    #[test]
+    fn spec_example_parses() {
+        let json = r#"{
+          "key_list": {"cluster": "keyservice", "path": "/v1/keys", "authority": "keys.internal",
+            "headers": {"authorization": "Bearer service-token"}, "refresh_s": 30, "timeout_ms": 5000,
+            "max_bytes": 33554432, "fail_open": false, "max_stale_s": 0},
+          "credentials": [{"header": "x-api-key"}, {"header": "authorization", "scheme": "Bearer"}, {"query": "api_key"}],
+          "key_prefixes": ["ak_"],
+          "exempt": [{"preflight": true}, {"path_prefix": "/swagger"}, {"method": "GET", "path_exact": "/healthz"}],
+          "client_ip": {"xff_trusted_hops": 0},
+          "ip_allow": ["10.0.0.0/8", "2001:db8::/32"],
+          "ip_deny": ["10.6.6.0/24"],
+          "site": {"path_segment": 2},
+          "routes": [
+            {"path_prefix": "/public/v1/contacts", "methods": ["POST"], "scope": "contacts:write"},
+            {"path_prefix": "/public/v1/contacts", "scope": "contacts:read"}
+          ],
+          "rate_limit": {"default": [{"limit": 60, "window_s": 60}], "headers": "x-ratelimit"},
+          "invalid_key_limit": {"limit": 20, "window_s": 60},
+          "upstream": {"strip_credential": true, "key_id_header": "x-api-key-id", "owner_header": "x-api-key-owner"},
+          "errors": {
+            "missing_key": {"status": 401, "body": "{\"error\":{\"code\":\"unauthorized\",\"message\":\"Invalid or missing API key\"}}"},
+            "rate_limited": {"status": 429, "body": "{\"error\":{\"code\":\"rate_limit_exceeded\",\"retry_after\":{retry_after}}}"}
+          }
+        }"#;
+        let c = parse(json.as_bytes()).unwrap();
+        assert_eq!(c.credentials.len(), 3);
+        assert_eq!(
+            c.key_list.headers,
+            vec![("authorization".into(), "Bearer service-token".into())]
+        );
+        assert_eq!(c.exempt.len(), 3);
+        assert_eq!(c.routes.len(), 2);
+        assert_eq!(c.site, Some(SiteSource::PathSegment(2)));
+        assert_eq!(
+            c.default_limits,
+            vec![Limit {
+                limit: 60,
+                window_s: 60
+            }]
+        );
+        assert!(c.response(Class::MissingKey).body.contains("unauthorized"));
+    }
+
+    #[test]
+    fn null_turns_identity_headers_off() {
+        let c = parse(
+            br#"{"key_list":{"cluster":"k","path":"/"},"upstream":{"key_id_header":null,"owner_header":"X-Org"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.key_id_header, None);
+        assert_eq!(c.owner_header.as_deref(), Some("x-org"));
+        assert!(c.strip_credential);
+    }
+
+    #[test]
+    fn errors_name_the_field_and_value() {
+        let cases: &[(&str, &[&str])] = &[
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"bogus":1}"#,
+                &["bogus"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/","refresh":3}}"#,
+                &["key_list", "refresh"],
+            ),
+            (r#"{"key_list":{"path":"/"}}"#, &["cluster"]),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/","refresh_s":"x"}}"#,
+                &["key_list.refresh_s", "x"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/","refresh_s":0}}"#,
+                &["key_list.refresh_s", "0"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"v1"}}"#,
+                &["key_list.path", "v1"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"ip_allow":["10.0.0.0/8","10.0.0.300/8"]}"#,
+                &["ip_allow[1]", "10.0.0.300/8"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"ip_deny":["x"]}"#,
+                &["ip_deny[0]", "\"x\""],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"credentials":[{"query":"k","scheme":"B"}]}"#,
+                &["credentials[0].scheme"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"credentials":[{}]}"#,
+                &["credentials[0]"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"credentials":[{"header":"bad header"}]}"#,
+                &["credentials[0].header", "bad header"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"exempt":[{}]}"#,
+                &["exempt[0]"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"exempt":[{"path_prefix":"swagger"}]}"#,
+                &["exempt[0].path_prefix", "swagger"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"site":{"path_segment":0}}"#,
+                &["site.path_segment"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"site":{}}"#,
+                &["site"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"routes":[{"scope":"a"}]}"#,
+                &["routes[0]"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"rate_limit":{"default":[{"limit":1,"window_s":0}]}}"#,
+                &["rate_limit.default[0].window_s", "0"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"rate_limit":{"headers":"draft"}}"#,
+                &["rate_limit.headers", "draft"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"invalid_key_limit":{"limit":1}}"#,
+                &["invalid_key_limit", "window_s"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"errors":{"teapot":{}}}"#,
+                &["errors.teapot"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"errors":{"forbidden":{"status":99}}}"#,
+                &["errors.forbidden.status", "99"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"errors":{"forbidden":{"headers":{"x":"a\nb"}}}}"#,
+                &["errors.forbidden.headers.x"],
+            ),
+            (
+                r#"{"key_list":{"cluster":"k","path":"/"},"upstream":{"key_id_header":":path"}}"#,
+                &["upstream.key_id_header"],
+            ),
+            ("not json", &["expected"]),
+        ];
+        for (json, needles) in cases {
+            let e = err(json);
+            for n in *needles {
+                assert!(e.contains(n), "error {e:?} for {json} lacks {n:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn methods_are_uppercased_and_paths_normalised() {
+        let c = parse(
+            br#"{"key_list":{"cluster":"k","path":"/"},"exempt":[{"method":"get","path_prefix":"/a//b/"}],
+                "routes":[{"path_exact":"/x/./y","methods":["post"]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.exempt[0].method.as_deref(), Some("GET"));
+        assert_eq!(c.exempt[0].path, Some(PathMatch::Prefix("/a/b/".into())));
+        let r = c.routes.find("POST", "/x/y").unwrap();
+        assert_eq!(r.path, PathMatch::Exact("/x/y".into()));
+        assert_eq!(r.methods, vec!["POST".to_string()]);
+    }
+}

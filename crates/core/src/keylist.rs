@@ -1,0 +1,959 @@
+//! The key-list document (SPEC §2): read in chunks, validated whole, and compiled as it streams
+//! by into the compact records of `record` (owner validity and plan limits folded in, so a
+//! request needs exactly one record). Neither the document nor a parsed form of its keys is ever
+//! held whole: each key goes from its JSON slice straight into one arena of records.
+
+mod fast;
+
+use crate::config::{json_error, validate_limits, Limit};
+use crate::dictionary;
+use crate::ipset::IpSet;
+use crate::ratelimit::Fnv;
+use crate::record::{self, Entry};
+use crate::scan::{self, Body, Position, Sink};
+use crate::time;
+use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
+use serde::Deserialize;
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+/// A validated list, compiled: records back to back in document order, and their hash order.
+#[derive(Debug, Default)]
+pub struct KeyList {
+    pub version: Option<String>,
+    records: Vec<u8>,
+    /// One per key in hash order: `(first 4 bytes of the hash) << 32 | offset of its record`.
+    order: Vec<u64>,
+    /// The entries of the list's dictionary (`dictionary::Builder::finish`).
+    dictionary: Vec<u8>,
+}
+
+impl KeyList {
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    pub fn dictionary(&self) -> &[u8] {
+        &self.dictionary
+    }
+
+    /// `(first 4 bytes of the hash, the record with its length)`, in hash order.
+    pub fn sorted(&self) -> impl Iterator<Item = (u32, &[u8])> + '_ {
+        self.order.iter().filter_map(|e| {
+            let at = (*e as u32) as usize;
+            let rest = self.records.get(at..)?;
+            let (_, tail) = record::split_record(rest)?;
+            Some(((e >> 32) as u32, rest.get(..rest.len() - tail.len())?))
+        })
+    }
+
+    /// The records (without their length) in document order.
+    pub fn records(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        let mut rest = &self.records[..];
+        std::iter::from_fn(move || {
+            let (body, tail) = record::split_record(rest)?;
+            rest = tail;
+            Some(body)
+        })
+    }
+}
+
+/// The document without its keys, parsed from the scan's head.
+#[derive(Deserialize)]
+struct RawHead<'a> {
+    #[serde(borrow)]
+    version: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    owners: Option<HashMap<Cow<'a, str>, RawOwner<'a>>>,
+    #[serde(borrow, default)]
+    plans: HashMap<Cow<'a, str>, RawPlan>,
+    #[allow(dead_code)]
+    keys: KeyArray,
+}
+
+/// `keys` must be an array (its elements were taken out by the scan).
+struct KeyArray;
+
+impl<'de> Deserialize<'de> for KeyArray {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<KeyArray, D::Error> {
+        struct Counter;
+        impl<'de> Visitor<'de> for Counter {
+            type Value = KeyArray;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an array of keys")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<KeyArray, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(KeyArray)
+            }
+        }
+        d.deserialize_seq(Counter)
+    }
+}
+
+#[derive(Deserialize)]
+struct RawOwner<'a> {
+    #[serde(borrow)]
+    status: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct RawPlan {
+    rate_limits: Option<Vec<Limit>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawExpiry<'a> {
+    Unix(i64),
+    #[serde(borrow)]
+    Text(Cow<'a, str>),
+}
+
+#[derive(Deserialize)]
+struct RawKey<'a> {
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    #[serde(borrow)]
+    hash: Cow<'a, str>,
+    #[serde(borrow)]
+    owner: Cow<'a, str>,
+    #[serde(borrow)]
+    status: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    expires_at: Option<RawExpiry<'a>>,
+    #[serde(borrow, default)]
+    allowed_ips: Vec<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    sites: Vec<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    scopes: Vec<Cow<'a, str>>,
+    #[serde(borrow)]
+    plan: Option<Cow<'a, str>>,
+    rate_limits: Option<Vec<Limit>>,
+}
+
+/// 1–256 visible ASCII characters: always a valid header value and log token.
+pub fn valid_name(s: &str) -> bool {
+    (1..=256).contains(&s.len()) && s.bytes().all(|b| (0x21..=0x7e).contains(&b))
+}
+
+pub fn parse_hash(s: &str) -> Option<[u8; 32]> {
+    let b = s.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (byte, pair) in out.iter_mut().zip(b.chunks_exact(2)) {
+        let [hi, lo] = pair else { return None };
+        let hi = (*hi as char).to_digit(16)?;
+        let lo = (*lo as char).to_digit(16)?;
+        *byte = (hi * 16 + lo) as u8;
+    }
+    Some(out)
+}
+
+/// Parses and validates a key-list document in memory (the CLI, tests). Any error rejects the
+/// whole document; the message names the offending field by JSON path (and never contains a
+/// key, which the list cannot hold).
+pub fn parse(body: &[u8]) -> Result<KeyList, String> {
+    read(
+        &mut scan::Slice {
+            data: body,
+            chunk: scan::CHUNK,
+        },
+        body.len(),
+    )
+}
+
+/// What keys resolve against: the plans' limits and the active owners.
+struct Context {
+    plans: HashMap<String, Option<Vec<Limit>>, Fnv>,
+    owners: Option<HashSet<String, Fnv>>,
+}
+
+fn context(head: &RawHead) -> Result<Context, String> {
+    let mut plans = HashMap::default();
+    for (name, plan) in &head.plans {
+        if let Some(l) = &plan.rate_limits {
+            validate_limits(&format!("plans.{name}.rate_limits"), l)?;
+        }
+        plans.insert(name.to_string(), plan.rate_limits.clone());
+    }
+    let owners = head.owners.as_ref().map(|o| {
+        o.iter()
+            .filter(|(_, v)| v.status.as_deref().is_none_or(|s| s == "active"))
+            .map(|(k, _)| k.to_string())
+            .collect()
+    });
+    Ok(Context { plans, owners })
+}
+
+/// The head parsed, or its error and where serde stopped (line, 1-based column).
+fn parse_head(head: &[u8]) -> Result<RawHead<'_>, (String, (usize, usize))> {
+    let de = &mut serde_json::Deserializer::from_slice(head);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let at = (e.inner().line(), e.inner().column());
+        (json_error(e), at)
+    })
+}
+
+/// `text` (a serde message ending in its position) with the position replaced.
+fn relocate(text: &str, from: (usize, usize), to: (usize, usize)) -> String {
+    let suffix = format!(" at line {} column {}", from.0, from.1);
+    match text.strip_suffix(&suffix) {
+        Some(what) if from.0 > 0 => format!("{what} at line {} column {}", to.0, to.1),
+        _ => text.to_string(),
+    }
+}
+
+/// Reads, validates and compiles a document of `size` bytes (a hint for reserving memory).
+///
+/// One pass when `owners` and `plans` come before `keys` (the usual order): keys are compiled
+/// against them as they stream by. Otherwise a second pass reads the keys again.
+pub fn read(body: &mut dyn Body, size: usize) -> Result<KeyList, String> {
+    let mut first = Compiler::new(None, size);
+    let outline = scan::scan(body, true, &mut first);
+    let head = parse_head(&outline.head);
+    // Errors in document order, as one parse of the whole document would report them.
+    if let Err((e, (line, column))) = &head {
+        let before_keys = outline
+            .keys_at
+            .is_none_or(|k| *line < k.line || (*line == k.line && *column <= k.column));
+        if before_keys || first.syntax.is_none() {
+            let at = outline.document_position(*line, *column);
+            return Err(relocate(e, (*line, *column), at));
+        }
+    }
+    if let Some(e) = first.syntax.take() {
+        return Err(e);
+    }
+    let head = head.map_err(|(e, _)| e)?;
+    let ctx = context(&head)?;
+    let version = head.version.map(Cow::into_owned);
+    let late = outline
+        .names_after_keys
+        .iter()
+        .any(|n| n == "owners" || n == "plans");
+    if first.ctx.is_none() || late {
+        drop(first);
+        let mut second = Compiler::new(Some(ctx), size);
+        scan::scan(body, false, &mut second);
+        if let Some(e) = second.syntax.take() {
+            return Err(e);
+        }
+        return second.finish(version);
+    }
+    first.finish(version)
+}
+
+/// The first error of one key, and what the whole-list checks need to order it among theirs.
+struct Failure {
+    index: usize,
+    /// Where in the checks of a key it failed: 0 types, 1 id, (2 duplicate id), 3 hash,
+    /// (4 duplicate hash), 5 the rest.
+    stage: u8,
+    message: String,
+    id: Option<String>,
+    hash: Option<[u8; 32]>,
+}
+
+/// Validates and compiles keys one at a time.
+struct Compiler {
+    ctx: Option<Context>,
+    records: Vec<u8>,
+    /// See `KeyList::order` (sorted at the end).
+    order: Vec<u64>,
+    /// One per key: `(upper half of the id's FNV-1a) << 32 | offset of its record`.
+    ids: Vec<u64>,
+    dict: dictionary::Builder,
+    scratch: record::Scratch,
+    count: usize,
+    /// The first syntax error in an element: it outranks every other error.
+    syntax: Option<String>,
+    failed: Option<Failure>,
+}
+
+impl Sink for Compiler {
+    fn keys_start(&mut self, head: &[u8]) {
+        if self.ctx.is_some() {
+            return;
+        }
+        // Speculate that nothing after `keys` changes how keys resolve (checked at the end).
+        let mut doc = head.to_vec();
+        doc.extend_from_slice(b"]}");
+        if let Ok(h) = parse_head(&doc) {
+            self.ctx = context(&h).ok();
+        }
+    }
+
+    fn element(&mut self, with_end: &[u8], at: Position) {
+        if self.syntax.is_some() {
+            return;
+        }
+        let i = self.count;
+        self.count += 1;
+        let bytes = with_end.split_last().map_or(with_end, |(_, init)| init);
+        if self.failed.is_some() || self.ctx.is_none() {
+            // Only a syntax error can still come first.
+            self.syntax = syntax_error(with_end, at);
+            return;
+        }
+        if let Some(k) = fast::parse(bytes) {
+            if let Err(f) = self.add(i, k) {
+                self.failed = Some(f);
+            }
+            return;
+        }
+        let mut track = serde_path_to_error::Track::new();
+        let de = &mut serde_json::Deserializer::from_slice(bytes);
+        let raw = RawKey::deserialize(serde_path_to_error::Deserializer::new(&mut *de, &mut track))
+            .and_then(|k| de.end().map(|_| k));
+        match raw {
+            Ok(k) => {
+                if let Err(f) = self.add(i, k) {
+                    self.failed = Some(f);
+                }
+            }
+            Err(e) if e.is_syntax() || e.is_eof() => {
+                self.syntax = syntax_error(with_end, at)
+                    .or_else(|| Some(format!("invalid JSON: {}", reposition(&e, at))));
+            }
+            Err(e) => {
+                let path = track.path().to_string();
+                let path = match path.as_str() {
+                    "." => format!("keys[{i}]"),
+                    p => format!("keys[{i}].{p}"),
+                };
+                self.failed = Some(Failure {
+                    index: i,
+                    stage: 0,
+                    message: format!("{path}: {}", reposition(&e, at)),
+                    id: None,
+                    hash: None,
+                });
+            }
+        }
+    }
+
+    fn syntax_error(&mut self, message: String) {
+        self.syntax.get_or_insert(message);
+    }
+}
+
+/// The syntax error of an element (followed by its `,` or `]`), worded and placed as a parse of
+/// the whole document would report it.
+fn syntax_error(with_end: &[u8], at: Position) -> Option<String> {
+    let de = &mut serde_json::Deserializer::from_slice(with_end);
+    let e = match IgnoredAny::deserialize(&mut *de) {
+        Err(e) => e,
+        Ok(_) => {
+            let e = de.end().err()?;
+            // The first byte after the value: the separator, or something else.
+            let end = Position {
+                line: e.line(),
+                column: e.column(),
+            };
+            let last_line = with_end.iter().filter(|b| **b == b'\n').count() + 1;
+            let last_column = with_end.len()
+                - with_end
+                    .iter()
+                    .rposition(|b| *b == b'\n')
+                    .map_or(0, |n| n + 1);
+            if (end.line, end.column) == (last_line, last_column) {
+                return None;
+            }
+            let text = relocate(
+                &e.to_string(),
+                (e.line(), e.column()),
+                (e.line(), e.column()),
+            );
+            let text = text.replacen("trailing characters", "expected `,` or `]`", 1);
+            return Some(format!(
+                "invalid JSON: {}",
+                relocate(
+                    &text,
+                    (e.line(), e.column()),
+                    place(e.line(), e.column(), at)
+                )
+            ));
+        }
+    };
+    (e.is_syntax() || e.is_eof()).then(|| format!("invalid JSON: {}", reposition(&e, at)))
+}
+
+/// An element's (line, column) in the document.
+fn place(line: usize, column: usize, at: Position) -> (usize, usize) {
+    if line == 1 {
+        (at.line, at.column + column)
+    } else {
+        (at.line + line - 1, column)
+    }
+}
+
+/// A serde error in an element, with the element's line and column turned into the document's.
+fn reposition(e: &serde_json::Error, at: Position) -> String {
+    let from = (e.line(), e.column());
+    relocate(&e.to_string(), from, place(from.0, from.1, at))
+}
+
+fn id_tag(id: &str) -> u64 {
+    crate::ratelimit::fnv1a(id.as_bytes()) >> 32
+}
+
+impl Compiler {
+    fn new(ctx: Option<Context>, size: usize) -> Compiler {
+        // Sized from the document (a key takes 90+ bytes of JSON and about a third of its
+        // JSON as a record): no regrowth copies, and memory reserved but never written costs
+        // no RSS.
+        Compiler {
+            ctx,
+            records: Vec::with_capacity(size / 3),
+            order: Vec::with_capacity(size / 90),
+            ids: Vec::with_capacity(size / 90),
+            dict: dictionary::Builder::default(),
+            scratch: record::Scratch::default(),
+            count: 0,
+            syntax: None,
+            failed: None,
+        }
+    }
+
+    fn add(&mut self, i: usize, k: RawKey) -> Result<(), Failure> {
+        let Some(ctx) = &self.ctx else {
+            return Ok(());
+        };
+        let field = |sub: &str| format!("keys[{i}].{sub}");
+        let fail = |stage, message, hash| Failure {
+            index: i,
+            stage,
+            message,
+            id: Some(k.id.to_string()),
+            hash,
+        };
+        if !valid_name(&k.id) {
+            return Err(fail(
+                1,
+                format!(
+                    "{}: {:?} is not 1-256 visible ASCII characters",
+                    field("id"),
+                    k.id
+                ),
+                None,
+            ));
+        }
+        // The bad value is not repeated: a malformed hash may be a key pasted in by mistake.
+        let Some(hash) = parse_hash(&k.hash) else {
+            return Err(fail(
+                3,
+                format!(
+                    "{}: not a 64-digit hex SHA-256 ({} characters)",
+                    field("hash"),
+                    k.hash.chars().count()
+                ),
+                None,
+            ));
+        };
+        let rest = |message| fail(5, message, Some(hash));
+        if !valid_name(&k.owner) {
+            return Err(rest(format!(
+                "{}: {:?} is not 1-256 visible ASCII characters",
+                field("owner"),
+                k.owner
+            )));
+        }
+        let expires_at = match &k.expires_at {
+            None => None,
+            Some(RawExpiry::Unix(t)) => Some(*t),
+            Some(RawExpiry::Text(s)) => Some(time::parse_rfc3339(s).ok_or_else(|| {
+                rest(format!(
+                    "{}: {s:?} is not RFC 3339 or Unix seconds",
+                    field("expires_at")
+                ))
+            })?),
+        };
+        let allowed_ips = IpSet::parse(&k.allowed_ips)
+            .map_err(|e| rest(format!("{}{e}", field("allowed_ips"))))?;
+        let plan_limits = match &k.plan {
+            None => None,
+            Some(p) => match ctx.plans.get(p.as_ref()) {
+                None => return Err(rest(format!("{}: unknown plan {p:?}", field("plan")))),
+                Some(l) => l.as_deref(),
+            },
+        };
+        let limits = match &k.rate_limits {
+            Some(l) => {
+                validate_limits(&field("rate_limits"), l).map_err(rest)?;
+                Some(&l[..])
+            }
+            None => plan_limits,
+        };
+        let Ok(offset) = u32::try_from(self.records.len()) else {
+            return Err(rest(format!("{}: the list is too large", field("id"))));
+        };
+        let entry = Entry {
+            hash,
+            id: &k.id,
+            owner: &k.owner,
+            active: k.status.as_deref().is_none_or(|s| s == "active"),
+            owner_valid: ctx
+                .owners
+                .as_ref()
+                .is_none_or(|o| o.contains(k.owner.as_ref())),
+            expires_at,
+            allowed_ips: &allowed_ips,
+            sites: &k.sites,
+            scopes: &k.scopes,
+            limits,
+        };
+        record::encode(&entry, &mut self.dict, &mut self.scratch, &mut self.records);
+        let lead = u32::from_be_bytes([hash[0], hash[1], hash[2], hash[3]]) as u64;
+        self.order.push(lead << 32 | offset as u64);
+        self.ids.push(id_tag(&k.id) << 32 | offset as u64);
+        Ok(())
+    }
+
+    fn body_at(&self, offset: u64) -> (&[u8; 32], &str) {
+        self.records
+            .get((offset as u32) as usize..)
+            .and_then(record::split_record)
+            .and_then(|(body, _)| record::hash_and_id(body))
+            .unwrap_or((&[0; 32], ""))
+    }
+
+    /// The document index of the record at `offset` (error path only: walks the records).
+    fn index_of(&self, offset: u64) -> usize {
+        let target = (offset as u32) as usize;
+        let mut rest = &self.records[..];
+        let mut i = 0;
+        while self.records.len() - rest.len() < target {
+            match record::split_record(rest) {
+                Some((_, tail)) => rest = tail,
+                None => break,
+            }
+            i += 1;
+        }
+        i
+    }
+
+    /// The whole-list checks (unique ids and hashes), then the list in hash order.
+    fn finish(mut self, version: Option<String>) -> Result<KeyList, String> {
+        // Candidates ordered as the checks of one key after another would meet them.
+        let mut first: Option<(usize, u8, String)> = self
+            .failed
+            .as_ref()
+            .map(|f| (f.index, f.stage, f.message.clone()));
+        let mut offer = |index: usize, stage: u8, message: &dyn Fn() -> String| {
+            if first
+                .as_ref()
+                .is_none_or(|(i, s, _)| (index, stage) < (*i, *s))
+            {
+                first = Some((index, stage, message()));
+            }
+        };
+        let failed_id = self.failed.as_ref().and_then(|f| f.id.clone());
+        let failed_at = self.failed.as_ref().map_or(usize::MAX, |f| f.index);
+
+        // Duplicate ids: equal tags are adjacent once sorted; a tag match is checked exactly.
+        let mut ids = std::mem::take(&mut self.ids);
+        ids.sort_unstable();
+        let mut dup_id: Option<u64> = None;
+        for run in ids.chunk_by(|a, b| a >> 32 == b >> 32) {
+            for (n, later) in run.iter().enumerate().skip(1) {
+                let id = self.body_at(*later).1;
+                if run.iter().take(n).any(|e| self.body_at(*e).1 == id) {
+                    dup_id = Some(dup_id.map_or(*later, |d| d.min(*later)));
+                    break;
+                }
+            }
+        }
+        if let Some(off) = dup_id {
+            let (index, id) = (self.index_of(off), self.body_at(off).1);
+            offer(index, 2, &|| {
+                format!("keys[{index}].id: duplicate id {id:?}")
+            });
+        }
+        if let Some(id) = failed_id
+            .as_deref()
+            .filter(|_| self.failed.as_ref().is_some_and(|f| f.stage >= 3))
+        {
+            let tag = id_tag(id);
+            let from = ids.partition_point(|e| e >> 32 < tag);
+            if ids
+                .iter()
+                .skip(from)
+                .take_while(|e| *e >> 32 == tag)
+                .any(|e| self.body_at(*e).1 == id)
+            {
+                offer(failed_at, 2, &|| {
+                    format!("keys[{failed_at}].id: duplicate id {id:?}")
+                });
+            }
+        }
+        drop(ids);
+
+        // Hash order; duplicate hashes are then adjacent.
+        let mut order = std::mem::take(&mut self.order);
+        order.sort_unstable();
+        for run in order.chunk_by_mut(|a, b| a >> 32 == b >> 32) {
+            if run.len() > 1 {
+                run.sort_by(|a, b| self.body_at(*a).0.cmp(self.body_at(*b).0).then(a.cmp(b)));
+            }
+        }
+        let mut dup_hash: Option<u64> = None;
+        for pair in order.windows(2) {
+            let &[a, b] = pair else { continue };
+            if a >> 32 == b >> 32 && self.body_at(a).0 == self.body_at(b).0 {
+                dup_hash = Some(dup_hash.map_or(b, |d| d.min(b)));
+            }
+        }
+        if let Some(off) = dup_hash {
+            let (index, id) = (self.index_of(off), self.body_at(off).1);
+            offer(index, 4, &|| {
+                format!("keys[{index}].hash: duplicate hash (key {id:?})")
+            });
+        }
+        if let Some(f) = self.failed.as_ref().filter(|f| f.stage == 5) {
+            if let (Some(hash), Some(id)) = (f.hash, f.id.as_deref()) {
+                let lead = u32::from_be_bytes([hash[0], hash[1], hash[2], hash[3]]) as u64;
+                let from = order.partition_point(|e| e >> 32 < lead);
+                if order
+                    .iter()
+                    .skip(from)
+                    .take_while(|e| *e >> 32 == lead)
+                    .any(|e| *self.body_at(*e).0 == hash)
+                {
+                    offer(failed_at, 4, &|| {
+                        format!("keys[{failed_at}].hash: duplicate hash (key {id:?})")
+                    });
+                }
+            }
+        }
+        if let Some((_, _, message)) = first {
+            return Err(message);
+        }
+        Ok(KeyList {
+            version,
+            records: self.records,
+            order,
+            dictionary: self.dict.finish(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dictionary::Dictionary;
+    use crate::record::Record;
+
+    /// A key as decoded from its record, for assertions.
+    #[derive(Debug)]
+    struct Key {
+        id: String,
+        active: bool,
+        owner_valid: bool,
+        expires_at: Option<i64>,
+        limits: Option<Vec<Limit>>,
+    }
+
+    fn keys(l: &KeyList) -> Vec<Key> {
+        let d = Dictionary::decode(l.dictionary()).unwrap();
+        l.records()
+            .map(|b| {
+                let r = Record::decode(b, &d).unwrap();
+                Key {
+                    id: r.id.to_string(),
+                    active: r.active,
+                    owner_valid: r.owner_valid,
+                    expires_at: r.expires_at,
+                    limits: r.limits(),
+                }
+            })
+            .collect()
+    }
+
+    const H1: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+    const H2: &str = "60303AE22B998861BCE3B28F33EEC1BE758A213C86C93C076DBE9F558C11C752";
+
+    fn doc(keys: &str) -> String {
+        format!(
+            r#"{{"version":"v1","plans":{{"free":{{"rate_limits":[{{"limit":10,"window_s":60}}]}},"open":{{"rate_limits":[]}},"bare":{{}}}},"keys":[{keys}]}}"#
+        )
+    }
+
+    #[test]
+    fn spec_example_parses() {
+        let json = r#"{
+          "version": "2026-11-22T05:00:00Z#42",
+          "owners": {"org-7": {"status": "active"}, "org-8": {"status": "disabled"}},
+          "plans": {"free": {"rate_limits": [{"limit": 10, "window_s": 60}]},
+                    "pro":  {"rate_limits": [{"limit": 20, "window_s": 1}, {"limit": 50000, "window_s": 86400}]}},
+          "keys": [{
+              "id": "key_01",
+              "hash": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+              "owner": "org-7", "status": "active", "expires_at": "2026-12-31T00:00:00Z",
+              "allowed_ips": ["203.0.113.0/24", "2001:db8::1"], "sites": ["123"],
+              "scopes": ["contacts:*"], "plan": "free",
+              "rate_limits": [{"limit": 60, "window_s": 60}]
+          }]
+        }"#;
+        let l = parse(json.as_bytes()).unwrap();
+        assert_eq!(l.version.as_deref(), Some("2026-11-22T05:00:00Z#42"));
+        let d = Dictionary::decode(l.dictionary()).unwrap();
+        let k = Record::decode(l.records().next().unwrap(), &d).unwrap();
+        assert_eq!(k.id, "key_01");
+        assert!(k.active && k.owner_valid);
+        assert_eq!(k.expires_at, Some(1_798_675_200));
+        assert_eq!(
+            k.limits(),
+            Some(vec![Limit {
+                limit: 60,
+                window_s: 60
+            }])
+        );
+        assert!(k.ip_allowed(|| Some("203.0.113.9".parse().unwrap())));
+        assert!(!k.ip_allowed(|| Some("203.0.114.9".parse().unwrap())));
+        assert_eq!(k.hash[0], 0x9f);
+    }
+
+    #[test]
+    fn limits_resolve_key_then_plan_then_default() {
+        let l = parse(
+            doc(&format!(
+                r#"{{"id":"a","hash":"{H1}","owner":"o","plan":"free"}},
+                   {{"id":"b","hash":"{H2}","owner":"o","plan":"open"}}"#
+            ))
+            .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            keys(&l)[0].limits,
+            Some(vec![Limit {
+                limit: 10,
+                window_s: 60
+            }])
+        );
+        assert_eq!(keys(&l)[1].limits, Some(vec![]));
+        let l = parse(
+            doc(&format!(
+                r#"{{"id":"a","hash":"{H1}","owner":"o","plan":"bare"}}"#
+            ))
+            .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(keys(&l)[0].limits, None);
+        let l = parse(
+            doc(&format!(
+                r#"{{"id":"a","hash":"{H1}","owner":"o","rate_limits":[]}}"#
+            ))
+            .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(keys(&l)[0].limits, Some(vec![]));
+    }
+
+    #[test]
+    fn status_and_owners() {
+        let json = format!(
+            r#"{{"owners":{{"good":{{}},"bad":{{"status":"disabled"}}}},"keys":[
+              {{"id":"a","hash":"{H1}","owner":"bad","status":"weird","expires_at":1700000000}},
+              {{"id":"b","hash":"{H2}","owner":"ghost"}}]}}"#
+        );
+        let l = parse(json.as_bytes()).unwrap();
+        assert!(!keys(&l)[0].active && !keys(&l)[0].owner_valid);
+        assert_eq!(keys(&l)[0].expires_at, Some(1_700_000_000));
+        assert!(keys(&l)[1].active && !keys(&l)[1].owner_valid);
+        let l =
+            parse(doc(&format!(r#"{{"id":"a","hash":"{H1}","owner":"x"}}"#)).as_bytes()).unwrap();
+        assert!(keys(&l)[0].owner_valid);
+    }
+
+    #[test]
+    fn every_bad_document_is_rejected_naming_the_field() {
+        let cases: Vec<(String, &[&str])> = vec![
+            ("{".into(), &["EOF"]),
+            ("[]".into(), &["expected"]),
+            (r#"{"version":"x"}"#.into(), &["keys"]),
+            (doc(r#"{"id":"a","owner":"o"}"#), &["keys[0]", "hash"]),
+            (
+                doc(&format!(r#"{{"id":"a","hash":"{H1}"}}"#)),
+                &["keys[0]", "owner"],
+            ),
+            (
+                doc(&format!(
+                    r#"{{"id":"a","hash":"{H1}","owner":"o"}},{{"id":"a","hash":"{H2}","owner":"o"}}"#
+                )),
+                &["keys[1].id", "duplicate"],
+            ),
+            (
+                doc(&format!(
+                    r#"{{"id":"a","hash":"{H1}","owner":"o"}},{{"id":"b","hash":"{}","owner":"o"}}"#,
+                    H1.to_uppercase()
+                )),
+                &["keys[1].hash", "duplicate"],
+            ),
+            (
+                doc(r#"{"id":"a","hash":"abc","owner":"o"}"#),
+                &["keys[0].hash"],
+            ),
+            (
+                doc(&format!(
+                    r#"{{"id":"a","hash":"{}","owner":"o"}}"#,
+                    "z".repeat(64)
+                )),
+                &["keys[0].hash"],
+            ),
+            (
+                doc(&format!(r#"{{"id":"a b","hash":"{H1}","owner":"o"}}"#)),
+                &["keys[0].id"],
+            ),
+            (
+                doc(&format!(r#"{{"id":"","hash":"{H1}","owner":"o"}}"#)),
+                &["keys[0].id"],
+            ),
+            (
+                doc(&format!(
+                    r#"{{"id":"{}","hash":"{H1}","owner":"o"}}"#,
+                    "i".repeat(257)
+                )),
+                &["keys[0].id"],
+            ),
+            (
+                doc(&format!(r#"{{"id":"a","hash":"{H1}","owner":"o\u00e9"}}"#)),
+                &["keys[0].owner"],
+            ),
+            (
+                doc(&format!(
+                    r#"{{"id":"a","hash":"{H1}","owner":"o","allowed_ips":["1.2.3.4/33"]}}"#
+                )),
+                &["keys[0].allowed_ips[0]", "1.2.3.4/33"],
+            ),
+            (
+                doc(&format!(
+                    r#"{{"id":"a","hash":"{H1}","owner":"o","plan":"gold"}}"#
+                )),
+                &["keys[0].plan", "gold"],
+            ),
+            (
+                doc(&format!(
+                    r#"{{"id":"a","hash":"{H1}","owner":"o","plan":"gold","rate_limits":[]}}"#
+                )),
+                &["keys[0].plan", "gold"],
+            ),
+            (
+                doc(&format!(
+                    r#"{{"id":"a","hash":"{H1}","owner":"o","expires_at":"tomorrow"}}"#
+                )),
+                &["keys[0].expires_at"],
+            ),
+            (
+                doc(&format!(
+                    r#"{{"id":"a","hash":"{H1}","owner":"o","rate_limits":[{{"limit":1,"window_s":0}}]}}"#
+                )),
+                &["keys[0].rate_limits[0].window_s"],
+            ),
+            (
+                r#"{"plans":{"p":{"rate_limits":[{"limit":1}]}},"keys":[]}"#.into(),
+                &["plans", "window_s"],
+            ),
+        ];
+        for (json, needles) in cases {
+            let e = parse(json.as_bytes()).unwrap_err();
+            for n in needles {
+                assert!(e.contains(n), "error {e:?} for {json} lacks {n:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn field_order_does_not_matter_and_type_errors_name_the_key() {
+        let json = format!(
+            r#"{{"keys":[{{"id":"a","hash":"{H1}","owner":"o","plan":"p"}}],"owners":{{"o":{{}}}},"plans":{{"p":{{"rate_limits":[{{"limit":3,"window_s":9}}]}}}}}}"#
+        );
+        let l = parse(json.as_bytes()).unwrap();
+        assert_eq!(
+            keys(&l)[0].limits,
+            Some(vec![Limit {
+                limit: 3,
+                window_s: 9
+            }])
+        );
+        let e = parse(
+            doc(&format!(
+                r#"{{"id":"a","hash":"{H1}","owner":"o","sites":[1]}}"#
+            ))
+            .as_bytes(),
+        )
+        .unwrap_err();
+        assert!(e.contains("keys[0].sites[0]"), "{e}");
+        let e = parse(br#"{"keys":[{"id":"a"},"#).unwrap_err();
+        assert!(e.starts_with("invalid JSON"), "{e}");
+    }
+
+    #[test]
+    fn escaped_strings_parse_too() {
+        let l = parse(doc(&format!(r#"{{"id":"a\u0041","hash":"{H1}","owner":"o"}}"#)).as_bytes())
+            .unwrap();
+        assert_eq!(keys(&l)[0].id, "aA");
+    }
+}
+
+#[cfg(test)]
+mod chunked {
+    use super::*;
+    use proptest::prelude::*;
+
+    const GOOD: &str = r#"{"version":"v","owners":{"o":{}},"plans":{"p":{"rate_limits":[{"limit":1,"window_s":2}]}},"keys":[
+      {"id":"a","hash":"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08","owner":"o","plan":"p","scopes":["x:*","y"]},
+      {"id":"b\u0041","hash":"60303AE22B998861BCE3B28F33EEC1BE758A213C86C93C076DBE9F558C11C752","owner":"q","sites":["1"],"allowed_ips":["10.0.0.0/8"],"expires_at":5}]}"#;
+
+    fn answer(doc: &[u8], chunk: usize) -> Result<(usize, Vec<Vec<u8>>), String> {
+        read(&mut scan::Slice { data: doc, chunk }, doc.len())
+            .map(|l| (l.len(), l.records().map(<[u8]>::to_vec).collect()))
+    }
+
+    #[test]
+    fn chunk_sizes_do_not_change_the_answer() {
+        let whole = answer(GOOD.as_bytes(), usize::MAX);
+        assert_eq!(whole.as_ref().map(|(n, _)| *n), Ok(2));
+        for chunk in [1, 7, 4096] {
+            assert_eq!(answer(GOOD.as_bytes(), chunk), whole, "chunk {chunk}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn truncated_and_mangled_documents_never_panic(
+            cut in 0..GOOD.len(),
+            flip in 0..GOOD.len(),
+            byte in any::<u8>(),
+            chunk in 1usize..64,
+        ) {
+            let mut doc = GOOD.as_bytes()[..cut.max(flip + 1).min(GOOD.len())].to_vec();
+            let at = flip.min(doc.len() - 1);
+            doc[at] = byte;
+            // Whatever the chunks, the same answer as in one piece (and no panic).
+            prop_assert_eq!(answer(&doc, chunk), answer(&doc, usize::MAX));
+            let truncated = &GOOD.as_bytes()[..cut];
+            prop_assert_eq!(answer(truncated, chunk), answer(truncated, usize::MAX));
+        }
+
+        #[test]
+        fn garbage_never_panics(doc in proptest::collection::vec(
+            prop_oneof![Just(b'{'), Just(b'}'), Just(b'['), Just(b']'), Just(b'"'), Just(b'\\'),
+                        Just(b','), Just(b':'), Just(b' '), Just(b'\n'), Just(b'k'), any::<u8>()], 0..200),
+            chunk in 1usize..16,
+        ) {
+            let mut with_keys = br#"{"keys":["#.to_vec();
+            with_keys.extend_from_slice(&doc);
+            prop_assert_eq!(answer(&with_keys, chunk), answer(&with_keys, usize::MAX));
+            prop_assert_eq!(answer(&doc, chunk), answer(&doc, usize::MAX));
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! The shape nearly every key has, read without serde: an object of the known fields, each once,
+//! with plain strings (no escapes), arrays of them, or an unsigned integer `expires_at`. Anything
+//! else (escapes, `rate_limits`, unknown fields, nulls, odd numbers, bad syntax) returns `None`
+//! and the key goes through serde, which gives every answer and error message; so this path only
+//! has to agree with serde on what it accepts. It is most of a million-key list's parse time.
+
+use super::{RawExpiry, RawKey};
+use std::borrow::Cow;
+
+struct Cursor<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn ws(&mut self) {
+        while self
+            .b
+            .get(self.i)
+            .is_some_and(|c| matches!(c, b' ' | b'\n' | b'\r' | b'\t'))
+        {
+            self.i += 1;
+        }
+    }
+
+    fn next(&mut self) -> Option<u8> {
+        let c = *self.b.get(self.i)?;
+        self.i += 1;
+        Some(c)
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    fn eat(&mut self, c: u8) -> Option<()> {
+        (self.next()? == c).then_some(())
+    }
+
+    /// A string without escapes or control characters.
+    fn string(&mut self) -> Option<&'a str> {
+        self.eat(b'"')?;
+        let rest = self.b.get(self.i..)?;
+        let len = rest
+            .iter()
+            .position(|c| *c == b'"' || *c == b'\\' || *c < 0x20)?;
+        if rest.get(len) != Some(&b'"') {
+            return None;
+        }
+        let s = std::str::from_utf8(rest.get(..len)?).ok()?;
+        self.i += len + 1;
+        Some(s)
+    }
+
+    /// `[` strings `]`.
+    fn strings(&mut self) -> Option<Vec<Cow<'a, str>>> {
+        self.eat(b'[')?;
+        let mut out = Vec::new();
+        self.ws();
+        if self.peek()? == b']' {
+            self.i += 1;
+            return Some(out);
+        }
+        loop {
+            self.ws();
+            out.push(Cow::Borrowed(self.string()?));
+            self.ws();
+            match self.next()? {
+                b',' => {}
+                b']' => return Some(out),
+                _ => return None,
+            }
+        }
+    }
+
+    /// An unsigned integer as JSON writes it (no leading zero, no fraction or exponent).
+    fn unsigned(&mut self) -> Option<i64> {
+        let start = self.i;
+        let mut n: i64 = 0;
+        while let Some(d @ b'0'..=b'9') = self.peek() {
+            n = n.checked_mul(10)?.checked_add(i64::from(d - b'0'))?;
+            self.i += 1;
+        }
+        let digits = self.i - start;
+        let leading_zero = digits > 1 && self.b.get(start) == Some(&b'0');
+        let continues = matches!(self.peek(), Some(b'.' | b'e' | b'E'));
+        (digits > 0 && !leading_zero && !continues).then_some(n)
+    }
+}
+
+/// A string field, once (a field given twice is serde's error to report).
+fn text<'a>(slot: &mut Option<Cow<'a, str>>, c: &mut Cursor<'a>) -> Option<()> {
+    if slot.is_some() {
+        return None;
+    }
+    *slot = Some(Cow::Borrowed(c.string()?));
+    Some(())
+}
+
+/// The key, when it has the common shape; `None` sends it to serde.
+pub(super) fn parse(bytes: &[u8]) -> Option<RawKey<'_>> {
+    let mut c = Cursor { b: bytes, i: 0 };
+    let (mut id, mut hash, mut owner, mut status, mut plan) = (None, None, None, None, None);
+    let (mut expires_at, mut allowed_ips, mut sites, mut scopes) = (None, None, None, None);
+    c.ws();
+    c.eat(b'{')?;
+    loop {
+        c.ws();
+        let name = c.string()?;
+        c.ws();
+        c.eat(b':')?;
+        c.ws();
+        match name {
+            "id" => text(&mut id, &mut c)?,
+            "hash" => text(&mut hash, &mut c)?,
+            "owner" => text(&mut owner, &mut c)?,
+            "status" => text(&mut status, &mut c)?,
+            "plan" => text(&mut plan, &mut c)?,
+            "expires_at" if expires_at.is_none() => {
+                expires_at = Some(match c.peek()? {
+                    b'"' => RawExpiry::Text(Cow::Borrowed(c.string()?)),
+                    _ => RawExpiry::Unix(c.unsigned()?),
+                })
+            }
+            "allowed_ips" if allowed_ips.is_none() => allowed_ips = Some(c.strings()?),
+            "sites" if sites.is_none() => sites = Some(c.strings()?),
+            "scopes" if scopes.is_none() => scopes = Some(c.strings()?),
+            _ => return None,
+        }
+        c.ws();
+        match c.next()? {
+            b',' => {}
+            b'}' => break,
+            _ => return None,
+        }
+    }
+    c.ws();
+    if c.i != bytes.len() {
+        return None;
+    }
+    Some(RawKey {
+        id: id?,
+        hash: hash?,
+        owner: owner?,
+        status,
+        expires_at,
+        allowed_ips: allowed_ips.unwrap_or_default(),
+        sites: sites.unwrap_or_default(),
+        scopes: scopes.unwrap_or_default(),
+        plan,
+        rate_limits: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    fn fields(k: &RawKey) -> String {
+        let exp = match &k.expires_at {
+            None => "-".to_string(),
+            Some(RawExpiry::Unix(t)) => format!("u{t}"),
+            Some(RawExpiry::Text(s)) => format!("t{s}"),
+        };
+        format!(
+            "{}|{}|{}|{:?}|{exp}|{:?}|{:?}|{:?}|{:?}|{}",
+            k.id,
+            k.hash,
+            k.owner,
+            k.status,
+            k.allowed_ips,
+            k.sites,
+            k.scopes,
+            k.plan,
+            k.rate_limits.is_some()
+        )
+    }
+
+    /// Whatever this path accepts, serde reads the same way.
+    fn agrees(doc: &str) -> bool {
+        let fast = parse(doc.as_bytes());
+        let de = &mut serde_json::Deserializer::from_str(doc);
+        let slow = RawKey::deserialize(&mut *de).and_then(|k| de.end().map(|_| k));
+        match (fast, slow) {
+            (None, _) => false,
+            (Some(f), Ok(s)) => {
+                assert_eq!(fields(&f), fields(&s), "{doc}");
+                true
+            }
+            (Some(f), Err(e)) => panic!("accepted {doc:?} as {} but serde says {e}", fields(&f)),
+        }
+    }
+
+    #[test]
+    fn the_common_shapes_are_read_as_serde_reads_them() {
+        for doc in [
+            r#"{"id":"k1","hash":"ab","owner":"o"}"#,
+            " \n{ \"id\" : \"k1\" ,\t\"hash\":\"ab\",\r\n\"owner\":\"o\" } \n",
+            r#"{"owner":"o","hash":"ab","id":"k1","status":"revoked","plan":"free"}"#,
+            r#"{"id":"k","hash":"h","owner":"o","scopes":["a:*","b"],"sites":[],"allowed_ips":[ "10.0.0.0/8" , "::1" ]}"#,
+            r#"{"id":"k","hash":"h","owner":"o","expires_at":0}"#,
+            r#"{"id":"k","hash":"h","owner":"o","expires_at":1735689600}"#,
+            r#"{"id":"k","hash":"h","owner":"o","expires_at":"2025-01-01T00:00:00Z"}"#,
+            r#"{"id":"ünï","hash":"h","owner":"o"}"#,
+        ] {
+            assert!(agrees(doc), "declined {doc}");
+        }
+    }
+
+    #[test]
+    fn everything_else_goes_to_serde() {
+        for doc in [
+            r#"{"id":"k\"1","hash":"h","owner":"o"}"#,
+            r#"{"id":"k","hash":"h","owner":"o","id":"k2"}"#,
+            r#"{"id":"k","hash":"h","owner":"o","scopes":["a"],"scopes":[]}"#,
+            r#"{"id":"k","hash":"h"}"#,
+            r#"{"id":"k","hash":"h","owner":"o","extra":1}"#,
+            r#"{"id":"k","hash":"h","owner":"o","status":null}"#,
+            r#"{"id":"k","hash":"h","owner":"o","rate_limits":[]}"#,
+            r#"{"id":"k","hash":"h","owner":"o","expires_at":-1}"#,
+            r#"{"id":"k","hash":"h","owner":"o","expires_at":01}"#,
+            r#"{"id":"k","hash":"h","owner":"o","expires_at":1.5}"#,
+            r#"{"id":"k","hash":"h","owner":"o","expires_at":1e3}"#,
+            r#"{"id":"k","hash":"h","owner":"o","expires_at":99999999999999999999}"#,
+            r#"{"id":"k","hash":"h","owner":"o",}"#,
+            r#"{"id":"k","hash":"h","owner":"o"} x"#,
+            r#"{"id":"k","hash":"h","owner":"o""#,
+            r#"{"id":"k","hash":"h","owner":"o","scopes":["a",]}"#,
+            r#"{"id":"k","hash":"h","owner":"o","scopes":"a"}"#,
+            "{\"id\":\"k\tx\",\"hash\":\"h\",\"owner\":\"o\"}",
+            r#"{}"#,
+            r#"[]"#,
+            "",
+        ] {
+            assert!(parse(doc.as_bytes()).is_none(), "accepted {doc}");
+        }
+        let bad_utf8 = b"{\"id\":\"\xff\",\"hash\":\"h\",\"owner\":\"o\"}";
+        assert!(parse(bad_utf8).is_none());
+    }
+
+    #[test]
+    fn any_cut_or_mangled_byte_is_declined_or_read_as_serde_reads_it() {
+        let doc = r#"{"id":"k-1","hash":"9f86","owner":"org","plan":"p","expires_at":1700000000,"scopes":["a","b:*"],"allowed_ips":["10.0.0.1"]}"#;
+        assert!(agrees(doc));
+        for cut in 0..doc.len() {
+            agrees(&doc[..cut]);
+        }
+        for at in 0..doc.len() {
+            for b in [b'"', b',', b'}', b']', b'\\', b' ', b'0', b'x', b':', b'['] {
+                let mut m = doc.as_bytes().to_vec();
+                m[at] = b;
+                if let Ok(s) = std::str::from_utf8(&m) {
+                    agrees(s);
+                }
+            }
+        }
+    }
+}
