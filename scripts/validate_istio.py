@@ -27,10 +27,11 @@ Usage:
                                       one of wasm-invalid.yaml refused with the error its `_err`
                                       names (istio/api's own fixtures)
 
-The schemas and fixtures are read from <repo>/../shared/istio (override with the environment
-variable KEYGATE_ISTIO_SCHEMAS or --schemas DIR); every *.yaml there holding a
-CustomResourceDefinition is loaded, and --crd FILE adds more (e.g. Istio's
-customresourcedefinitions.gen.yaml, to check ServiceEntry and DestinationRule fully).
+The schemas and fixtures are read from <repo>/tests/data/istio (Istio's WasmPlugin CRD and
+istio/api's fixtures, copied into the project; override with the environment variable
+KEYGATE_ISTIO_SCHEMAS or --schemas DIR); every *.yaml there holding a CustomResourceDefinition
+is loaded, and --crd FILE adds more (e.g. Istio's customresourcedefinitions.gen.yaml, to check
+ServiceEntry and DestinationRule fully).
 
 Exit status: 0 all valid, 1 something invalid, 2 bad usage or missing prerequisites.
 """
@@ -60,11 +61,12 @@ except ImportError as e:  # pragma: no cover - environment problem
 REPO = Path(__file__).resolve().parents[1]
 ENV_SCHEMAS = "KEYGATE_ISTIO_SCHEMAS"
 DEFAULT_KEYGATE = REPO / "target" / "release" / "keygate"
+DEFAULT_SCHEMAS = REPO / "tests" / "data" / "istio"
 
 
 def schemas_dir() -> Path:
     env = os.environ.get(ENV_SCHEMAS)
-    return Path(env) if env else REPO.parent / "shared" / "istio"
+    return Path(env) if env else DEFAULT_SCHEMAS
 
 
 # =============================================================================================
@@ -1134,7 +1136,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("files", nargs="*", type=Path, help="YAML files (default: envoy/istio/*.yaml)")
     ap.add_argument("--self-test", action="store_true", help="check the validator against istio/api's fixtures")
     ap.add_argument("--schemas", type=Path, default=None,
-                    help=f"directory with the CRD(s) and fixtures (default ${ENV_SCHEMAS} or ../shared/istio)")
+                    help=f"directory with the CRD(s) and fixtures (default ${ENV_SCHEMAS} or tests/data/istio)")
     ap.add_argument("--crd", type=Path, action="append", default=[], help="another file with CRDs (repeatable)")
     ap.add_argument("--keygate", type=Path, default=DEFAULT_KEYGATE,
                     help="the keygate CLI used for `check-config` (default target/release/keygate)")

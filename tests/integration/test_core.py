@@ -3,8 +3,9 @@ error overrides, key-list refresh and revocation, fetch behaviour (one per refre
 headers, authority), bad lists, key service down or slow, max_stale_s, fail_open, configuration
 errors, metrics, no key material in logs/stats, and no panic on hostile input.
 
-SPEC references are to /work/shared/SPEC.md (§1 configuration, §2 key list, §3 decisions,
-§4 responses, §5 guarantees, §6 observability)."""
+SPEC references are to the product contract's sections (§1 configuration, §2 key list,
+§3 decisions, §4 responses, §5 guarantees, §6 observability); docs/README.md maps each to the
+reference page that documents it."""
 from __future__ import annotations
 
 import json

@@ -47,7 +47,8 @@ OCI_IMAGE = REPO / "scripts" / "oci-image.py"
 PIN = REPO / "scripts" / "istio-manifests.py"
 ISTIO_DIR = REPO / "envoy" / "istio"
 WASMPLUGIN = ISTIO_DIR / "wasmplugin.yaml"
-SHARED_ISTIO = Path(os.environ.get("KEYGATE_ISTIO_SCHEMAS") or REPO.parent / "shared" / "istio")
+# Istio's WasmPlugin CRD and istio/api's fixtures, copied into the project (see its README).
+ISTIO_SCHEMAS = Path(os.environ.get("KEYGATE_ISTIO_SCHEMAS") or REPO / "tests" / "data" / "istio")
 KEY_CLUSTER = "outbound|8080||keys.keygate-system.svc.cluster.local"
 
 MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -121,22 +122,22 @@ def _fixture_count(d: Path) -> int:
 
 
 def test_validator_self_test_passes():
-    assert (SHARED_ISTIO / "wasm-valid.yaml").exists(), f"istio fixtures missing in {SHARED_ISTIO}"
+    assert (ISTIO_SCHEMAS / "wasm-valid.yaml").exists(), f"istio fixtures missing in {ISTIO_SCHEMAS}"
     r = run([sys.executable, str(VALIDATOR), "--self-test", "-v"])
     assert r.returncode == 0, f"self-test failed:\n{r.stdout}\n{r.stderr}"
     m = re.search(r"self-test: (\d+)/(\d+) fixture documents as expected", r.stdout)
     assert m and m.group(1) == m.group(2), r.stdout
-    n = _fixture_count(SHARED_ISTIO)
+    n = _fixture_count(ISTIO_SCHEMAS)
     assert int(m.group(2)) == n, f"expected all {n} fixture documents judged:\n{r.stdout}"
     # Every invalid fixture was refused, each for the reason istio/api's `_err` names.
     refused = [line for line in r.stdout.splitlines() if line.startswith("ok") and ": refused: " in line]
-    assert len(refused) == len(load_yaml_docs(SHARED_ISTIO / "wasm-invalid.yaml")), r.stdout
+    assert len(refused) == len(load_yaml_docs(ISTIO_SCHEMAS / "wasm-invalid.yaml")), r.stdout
 
 
 def test_validator_self_test_catches_wrong_verdicts(tmp_path):
     """The self-test is not a rubber stamp: an invalid document placed among the valid ones, and an
     invalid document refused for another reason than its `_err`, both make it fail."""
-    for p in SHARED_ISTIO.glob("*.yaml"):
+    for p in ISTIO_SCHEMAS.glob("*.yaml"):
         shutil.copy(p, tmp_path / p.name)
     bad = ("\n---\napiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata:\n"
            "  name: smuggled-invalid\nspec:\n  url: \"http://test\"\n  sha256: foo\n")
@@ -146,7 +147,7 @@ def test_validator_self_test_catches_wrong_verdicts(tmp_path):
     r = run([sys.executable, str(VALIDATOR), "--self-test"], env=env)
     assert r.returncode == 1 and "smuggled-invalid" in r.stdout and "FAIL" in r.stdout, r.stdout
 
-    shutil.copy(SHARED_ISTIO / "wasm-valid.yaml", tmp_path / "wasm-valid.yaml")
+    shutil.copy(ISTIO_SCHEMAS / "wasm-valid.yaml", tmp_path / "wasm-valid.yaml")
     wrong = ("\n---\n_err: 'url must have schema one of'\napiVersion: extensions.istio.io/v1alpha1\n"
              "kind: WasmPlugin\nmetadata:\n  name: wrong-reason\nspec:\n  url: \"http://test\"\n  sha256: foo\n")
     with open(tmp_path / "wasm-invalid.yaml", "a", encoding="utf-8") as f:

@@ -2,10 +2,11 @@
 
 Each profile test loads envoy/examples/<api>/keygate.json, replaces only its `key_list` (so it
 points at the fake key service and refreshes every second), serves a key list made here (keys in
-the API's documented format, SHA-256 hashed), and walks through every promise of the seed page in
-../shared/seeds/. The file tests also check that every envoy.yaml is what render.py makes of its
-keygate.json, that each configuration passes `keygate check-config` and `envoy --mode validate`,
-that the demo key lists agree with demo-keys.txt, and that each envoy.yaml runs as shipped.
+the API's documented format, SHA-256 hashed), and walks through every promise of the API's
+authentication page (listed in envoy/examples/<api>/README.md). The file tests also check that
+every envoy.yaml is what render.py makes of its keygate.json, that each configuration passes
+`keygate check-config` and `envoy --mode validate`, that the demo key lists agree with
+demo-keys.txt, and that each envoy.yaml runs as shipped.
 """
 from __future__ import annotations
 
