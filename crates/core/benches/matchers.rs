@@ -10,10 +10,12 @@ mod common;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use keygate_core::config::{self, Limit};
+use keygate_core::counters;
 use keygate_core::decision::{self, ListState, Request};
 use keygate_core::ipset::IpSet;
-use keygate_core::shared::{self, MemoryStore, Publisher, SharedStore};
-use keygate_core::{dictionary, record};
+use keygate_core::publish::{self, Publisher};
+use keygate_core::record;
+use keygate_core::shared::{self, MemoryStore, SharedStore};
 use keygate_core::{keylist, path, ratelimit};
 use sha2::{Digest, Sha256};
 use std::net::IpAddr;
@@ -24,13 +26,13 @@ fn per_request(c: &mut Criterion) {
     let meta = Publisher::default().publish(&store, &list, None, "s", 1);
     let probe: [u8; 32] = Sha256::digest(common::key(500).as_bytes()).into();
     let bucket = store
-        .get(&shared::bucket_key(
+        .get(&shared::key::bucket(
             meta.bits,
             record::bucket_index(&probe, meta.bits),
         ))
         .0
         .unwrap();
-    let dict = dictionary::for_bucket(&store, &bucket).unwrap();
+    let dict = record::dictionary_for(&store, &bucket).unwrap();
     c.bench_function("bucket lookup (1k keys)", |b| {
         b.iter(|| {
             black_box(matches!(
@@ -97,7 +99,7 @@ fn per_request(c: &mut Criterion) {
 
     let cfg = config::parse(common::realistic_config().as_bytes()).unwrap();
     let store = MemoryStore::default();
-    shared::ensure_counter_slots(&store);
+    counters::ensure_counter_slots(&store);
     Publisher::default().publish(
         &store,
         &list,
@@ -106,7 +108,7 @@ fn per_request(c: &mut Criterion) {
         1_800_000_000,
     );
     let mut state = ListState::from_meta(
-        shared::read_meta(&store).as_ref(),
+        publish::read_meta(&store).as_ref(),
         &cfg.key_list.source_id(),
     );
     let headers: Vec<(String, Vec<u8>)> = vec![

@@ -12,9 +12,11 @@
 mod common;
 
 use keygate_core::config;
+use keygate_core::counters;
 use keygate_core::decision::{self, ListState, Request};
 use keygate_core::keylist;
-use keygate_core::shared::{self, MemoryStore, Publisher};
+use keygate_core::publish::{self, Publisher};
+use keygate_core::shared::MemoryStore;
 use std::net::{IpAddr, Ipv4Addr};
 
 fn main() {
@@ -29,12 +31,12 @@ fn main() {
     .expect("bench config");
     let list = keylist::parse(common::key_list_json(KEYS).as_bytes()).expect("bench key list");
     let store = MemoryStore::default();
-    shared::ensure_counter_slots(&store);
+    counters::ensure_counter_slots(&store);
     let t0 = 1_800_000_000u64;
     Publisher::default().publish(&store, &list, None, &cfg.key_list.source_id(), t0);
     let (entries0, bytes0) = (store.len(), store.bytes());
     let mut state = ListState::from_meta(
-        shared::read_meta(&store).as_ref(),
+        publish::read_meta(&store).as_ref(),
         &cfg.key_list.source_id(),
     );
     let keys: Vec<String> = (0..KEYS).map(common::key).collect();

@@ -5,6 +5,7 @@ use crate::ipset::IpSet;
 use crate::path;
 use crate::response::{Class, ErrorResponse, Responses};
 use crate::routes::RouteTable;
+pub use crate::routes::{PathMatch, Route};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -42,7 +43,7 @@ pub fn validate_limits(field: &str, limits: &[Limit]) -> Result<(), String> {
     Ok(())
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KeyListSource {
     pub cluster: String,
     pub path: String,
@@ -74,22 +75,6 @@ pub enum CredentialSource {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PathMatch {
-    Prefix(String),
-    Exact(String),
-}
-
-impl PathMatch {
-    /// `normalized` must come from `path::normalize`.
-    pub fn matches(&self, normalized: &str) -> bool {
-        match self {
-            PathMatch::Prefix(p) => path::prefix_matches(p, normalized),
-            PathMatch::Exact(p) => p == normalized,
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExemptRule {
     pub preflight: bool,
     pub method: Option<String>,
@@ -100,13 +85,6 @@ pub struct ExemptRule {
 pub enum SiteSource {
     PathSegment(usize),
     Header(String),
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Route {
-    pub path: PathMatch,
-    pub methods: Vec<String>,
-    pub scope: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -5,9 +5,10 @@
 use crate::bucket_cache::BucketCache;
 use crate::client_ip;
 use crate::config::{Config, ExemptRule, KeyListSource, SiteSource};
+use crate::counters;
 use crate::credential::{self, Location};
-use crate::dictionary;
 use crate::path;
+use crate::publish;
 use crate::ratelimit::{self, Counted};
 use crate::record::{self, Found, Located, Record};
 use crate::response::{render_template, Class, RateContext};
@@ -24,20 +25,20 @@ pub const MAX_KEY_BYTES: usize = 1024;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ListState {
     pub loaded: bool,
-    /// The publish this view is of (see `shared::Meta`).
+    /// The publish this view is of (see `publish::Meta`).
     pub generation: u64,
     pub bits: u8,
-    pub fetched_at: u64,
+    pub fetched_at_s: u64,
 }
 
 impl ListState {
-    pub fn from_meta(meta: Option<&shared::Meta>, source: &str) -> ListState {
+    pub fn from_meta(meta: Option<&publish::Meta>, source: &str) -> ListState {
         match meta {
             Some(m) if m.generation > 0 && m.source == source => ListState {
                 loaded: true,
                 generation: m.generation,
                 bits: m.bits,
-                fetched_at: m.fetched_at,
+                fetched_at_s: m.fetched_at_s,
             },
             _ => ListState::default(),
         }
@@ -204,13 +205,13 @@ pub fn scope_covers(held: &str, needed: &str) -> bool {
     }
 }
 
-fn rate_context(counted: &Counted, now: u64) -> RateContext {
+fn rate_context(counted: &Counted, now_s: u64) -> RateContext {
     let t = counted.tightest();
     RateContext {
         retry_after: if counted.allowed() {
             0
         } else {
-            counted.retry_after(now)
+            counted.retry_after(now_s)
         },
         limit: t.map_or(0, |s| s.limit),
         remaining: t.map_or(0, |s| s.remaining()),
@@ -252,7 +253,7 @@ fn lookup(
             }
             None => {
                 *buf = store
-                    .get(&shared::bucket_key(list.bits, index))
+                    .get(&shared::key::bucket(list.bits, index))
                     .0
                     .unwrap_or_default();
                 false
@@ -261,7 +262,7 @@ fn lookup(
         match record::locate(buf, hash) {
             Located::Moved => {
                 *list =
-                    ListState::from_meta(shared::read_meta(store).as_ref(), &source.source_id());
+                    ListState::from_meta(publish::read_meta(store).as_ref(), &source.source_id());
                 if !list.loaded {
                     return None;
                 }
@@ -305,9 +306,9 @@ pub fn decide(
     list: &mut ListState,
     store: &dyn SharedStore,
     req: &Request,
-    now: u64,
+    now_s: u64,
 ) -> Outcome {
-    decide_cached(cfg, list, &mut BucketCache::default(), store, req, now)
+    decide_cached(cfg, list, &mut BucketCache::default(), store, req, now_s)
 }
 
 /// Decides a request (SPEC §3, in order), reading key buckets through this worker's `cache`.
@@ -317,7 +318,7 @@ pub fn decide_cached(
     cache: &mut BucketCache,
     store: &dyn SharedStore,
     req: &Request,
-    now: u64,
+    now_s: u64,
 ) -> Outcome {
     let method = req.header_str(":method");
     let (raw_path, query) = path::split_query(req.header_str(":path"));
@@ -356,11 +357,15 @@ pub fn decide_cached(
 
     // 4. A list must be loaded and fresh enough.
     let stale = |l: &ListState| {
-        cfg.key_list.max_stale_s > 0 && now.saturating_sub(l.fetched_at) > cfg.key_list.max_stale_s
+        cfg.key_list.max_stale_s > 0
+            && now_s.saturating_sub(l.fetched_at_s) > cfg.key_list.max_stale_s
     };
     if !list.loaded || stale(list) {
         // The worker's view is refreshed on ticks; before refusing, make sure it is current.
-        *list = ListState::from_meta(shared::read_meta(store).as_ref(), &cfg.key_list.source_id());
+        *list = ListState::from_meta(
+            publish::read_meta(store).as_ref(),
+            &cfg.key_list.source_id(),
+        );
     }
     if !list.loaded || stale(list) {
         if cfg.key_list.fail_open {
@@ -378,13 +383,13 @@ pub fn decide_cached(
 
     // 6. Too many failed attempts from this client: refuse before looking anything up.
     if let Some(limit) = &cfg.invalid_key_limit {
-        if shared::ip_failures(store, ip(), limit, now) >= limit.limit {
-            let retry_after = ratelimit::failure_retry_after(limit, now);
+        if counters::ip_failures(store, ip(), limit, now_s) >= limit.limit {
+            let retry_after = ratelimit::failure_retry_after(limit, now_s);
             let ctx = RateContext {
                 retry_after,
                 limit: limit.limit,
                 remaining: 0,
-                reset: ratelimit::window_start(now, limit.window_s) + limit.window_s,
+                reset: ratelimit::window_start(now_s, limit.window_s) + limit.window_s,
             };
             let mut o = Outcome::new(Kind::Refused(Class::RateLimited));
             o.reply = Some(refusal(
@@ -412,7 +417,7 @@ pub fn decide_cached(
             None => return refused(cfg, Class::Unavailable),
             Some(()) => {
                 // This VM's copy of the bucket's dictionary (read only when it changed).
-                dict = dictionary::for_bucket(store, &buf);
+                dict = record::dictionary_for(store, &buf);
                 match dict.as_deref().map(|d| record::find(&buf, &hash, d)) {
                     Some(Found::Key(r)) => Some(r),
                     _ => None,
@@ -424,7 +429,7 @@ pub fn decide_cached(
     };
     let Some(record) = record else {
         if let Some(limit) = &cfg.invalid_key_limit {
-            shared::add_ip_failure(store, ip(), limit, now);
+            counters::add_ip_failure(store, ip(), limit, now_s);
         }
         return refused(cfg, Class::InvalidKey);
     };
@@ -437,7 +442,7 @@ pub fn decide_cached(
         &norm_path,
         method,
         &credential.location,
-        now,
+        now_s,
     )
 }
 
@@ -451,7 +456,7 @@ fn decide_key(
     norm_path: &str,
     method: &str,
     location: &Location,
-    now: u64,
+    now_s: u64,
 ) -> Outcome {
     let with_id = |mut o: Outcome| {
         o.key_id = Some(record.id.to_string());
@@ -459,7 +464,7 @@ fn decide_key(
     };
 
     // 8. Status, expiry, owner.
-    if !record.active || record.expires_at.is_some_and(|t| now as i64 >= t) {
+    if !record.active || record.expires_at.is_some_and(|t| now_s as i64 >= t) {
         return with_id(refused(cfg, Class::ExpiredKey));
     }
     if !record.owner_valid {
@@ -497,7 +502,7 @@ fn decide_key(
         .unwrap_or_else(|| cfg.default_limits.clone());
     let mut rate_headers = Vec::new();
     if !limits.is_empty() {
-        let Some(counted) = shared::count_key(store, record.id, &limits, now) else {
+        let Some(counted) = counters::count_key(store, record.id, &limits, now_s) else {
             // The shared counter could not be updated: refuse rather than over-admit.
             let mut o = Outcome::new(Kind::Refused(Class::RateLimited));
             let ctx = RateContext {
@@ -512,13 +517,13 @@ fn decide_key(
             return with_id(o);
         };
         if let Some(t) = counted.tightest() {
-            rate_headers = ratelimit::headers(cfg.header_style, t, now)
+            rate_headers = ratelimit::headers(cfg.header_style, t, now_s)
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v))
                 .collect();
         }
         if !counted.allowed() {
-            let ctx = rate_context(&counted, now);
+            let ctx = rate_context(&counted, now_s);
             rate_headers.push(("retry-after".into(), ctx.retry_after.to_string()));
             let mut o = Outcome::new(Kind::Refused(Class::RateLimited));
             o.reply = Some(refusal(cfg, Class::RateLimited, Some((ctx, rate_headers))));
@@ -614,7 +619,7 @@ mod tests {
         )
         .unwrap();
         let store = crate::shared::MemoryStore::default();
-        crate::shared::Publisher::default().publish(
+        crate::publish::Publisher::default().publish(
             &store,
             &list,
             None,
@@ -636,7 +641,7 @@ mod tests {
     fn whoami_answers_get_for_a_valid_key_only() {
         let (cfg, store) = whoami_setup();
         let mut list = ListState::from_meta(
-            shared::read_meta(&store).as_ref(),
+            publish::read_meta(&store).as_ref(),
             &cfg.key_list.source_id(),
         );
         let run = |list: &mut ListState, m: &str, p: &str, k: &str| {
@@ -677,7 +682,7 @@ mod tests {
     fn the_bucket_cache_serves_one_generation_and_follows_the_view() {
         let (cfg, store) = whoami_setup();
         let source = cfg.key_list.source_id();
-        let mut list = ListState::from_meta(shared::read_meta(&store).as_ref(), &source);
+        let mut list = ListState::from_meta(publish::read_meta(&store).as_ref(), &source);
         let mut cache = BucketCache::default();
         let h = request("GET", "/x", "minds_abc");
         let req = Request {
@@ -700,10 +705,10 @@ mod tests {
                 .as_bytes(),
         )
         .unwrap();
-        crate::shared::Publisher::default().publish(&store, &revoked, None, &source, 101);
+        crate::publish::Publisher::default().publish(&store, &revoked, None, &source, 101);
         // Until this worker's view moves to the new generation, its copy answers.
         assert_eq!(run(&mut list, &mut cache), Kind::Allowed);
-        let mut fresh = ListState::from_meta(shared::read_meta(&store).as_ref(), &source);
+        let mut fresh = ListState::from_meta(publish::read_meta(&store).as_ref(), &source);
         assert!(fresh.generation > list.generation);
         assert_eq!(
             run(&mut fresh, &mut cache),
@@ -727,7 +732,7 @@ mod tests {
         let h = request("GET", "/x", "minds_abc");
         let run = |cfg: &Config| {
             let mut list = ListState::from_meta(
-                shared::read_meta(&store).as_ref(),
+                publish::read_meta(&store).as_ref(),
                 &cfg.key_list.source_id(),
             );
             let req = Request {

@@ -7,8 +7,8 @@
 //! need is never the one being overwritten, and a reader checks the tag of what it read.
 
 use crate::ratelimit::{fnv1a, Fnv};
-use crate::record;
-use crate::shared::SharedStore;
+use crate::shared::{key, SharedStore};
+use crate::varint;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -18,10 +18,6 @@ use std::rc::Rc;
 pub const MAX_BYTES: usize = 1 << 20;
 /// Values shorter than this are not worth an entry (a reference takes a byte or more).
 const MIN_VALUE: usize = 2;
-
-pub fn slot_key(slot: u8) -> String {
-    format!("keygate:dict:{}", slot & 1)
-}
 
 /// The tag of a dictionary's bytes: never 0 unless there are none.
 pub fn tag(bytes: &[u8]) -> u64 {
@@ -67,7 +63,7 @@ impl Builder {
             return None;
         }
         let i = u32::try_from(self.index.len()).ok()?;
-        record::put_varint(&mut self.bytes, value.len() as u64);
+        varint::put(&mut self.bytes, value.len() as u64);
         self.bytes.extend_from_slice(value);
         self.index.insert(value.to_vec(), i);
         Some(i)
@@ -152,10 +148,10 @@ thread_local! {
     static EMPTY: Rc<Dictionary> = Rc::new(Dictionary::default());
 }
 
-/// The dictionary a live bucket's records refer to: this VM's copy, read from shared data only
-/// when the bucket names another one. None when it cannot be read (replaced twice meanwhile).
-pub fn for_bucket(store: &dyn SharedStore, bucket: &[u8]) -> Option<Rc<Dictionary>> {
-    let (slot, want) = record::bucket_dictionary(bucket)?;
+/// Dictionary `tag` from shared-data `slot` (as a live bucket names them): this VM's copy,
+/// read from shared data only when the tag changes. None when it cannot be read (replaced twice
+/// meanwhile: the bucket that named it is stale).
+pub fn load(store: &dyn SharedStore, slot: u8, want: u64) -> Option<Rc<Dictionary>> {
     if want == 0 {
         return Some(EMPTY.with(Rc::clone));
     }
@@ -163,7 +159,7 @@ pub fn for_bucket(store: &dyn SharedStore, bucket: &[u8]) -> Option<Rc<Dictionar
     if cached.tag == want {
         return Some(cached);
     }
-    let (value, _) = store.get(&slot_key(slot));
+    let (value, _) = store.get(&key::dictionary(slot));
     let value = value?;
     let stored = u64::from_le_bytes(value.get(..8)?.try_into().ok()?);
     let dict = Dictionary::decode(value.get(8..)?)?;
@@ -198,26 +194,19 @@ mod tests {
     }
 
     #[test]
-    fn a_bucket_finds_its_dictionary_by_slot_and_tag() {
+    fn a_dictionary_is_found_by_slot_and_tag() {
         let store = MemoryStore::default();
         let mut b = Builder::default();
         b.intern(b"scopes");
         let entries = b.finish();
         let t = tag(&entries);
         store
-            .set(&slot_key(1), &shared_value(&entries), None)
+            .set(&key::dictionary(1), &shared_value(&entries), None)
             .unwrap();
-        let mut bucket = Vec::new();
-        record::bucket_header(&mut bucket, 1, t);
-        let d = for_bucket(&store, &bucket).unwrap();
+        let d = load(&store, 1, t).unwrap();
         assert_eq!(d.entry(0), Some(&b"scopes"[..]));
         // The slot now holds another dictionary: the old tag is not served from it.
-        let mut other = Vec::new();
-        record::bucket_header(&mut other, 1, t ^ 2);
-        assert!(for_bucket(&store, &other).is_none());
-        let mut none = Vec::new();
-        record::bucket_header(&mut none, 0, 0);
-        assert!(for_bucket(&store, &none).unwrap().is_empty());
-        assert!(for_bucket(&store, &[record::BUCKET_MOVED]).is_none());
+        assert!(load(&store, 1, t ^ 2).is_none());
+        assert!(load(&store, 0, 0).unwrap().is_empty());
     }
 }

@@ -5,7 +5,7 @@
 //! chosen by its id (ids survive key-list reloads, so counts do); one slot value holds every
 //! window of that key, so a request costs one read and one compare-and-swap write whatever its
 //! number of limits. Entries whose windows have all ended are dropped on the next write.
-//! The functions here are pure: they take the slot bytes and `now` and return the new bytes.
+//! The functions here are pure: they take the slot bytes and `now_s` and return the new bytes.
 
 use crate::config::{HeaderStyle, Limit};
 
@@ -50,8 +50,8 @@ impl std::hash::Hasher for FnvHasher {
     }
 }
 
-pub fn window_start(now: u64, window_s: u64) -> u64 {
-    now - now % window_s.max(1)
+pub fn window_start(now_s: u64, window_s: u64) -> u64 {
+    now_s - now_s % window_s.max(1)
 }
 
 /// The state of one limit after counting a request.
@@ -92,11 +92,11 @@ impl Counted {
     }
 
     /// Seconds until every exceeded window has reset, at least 1.
-    pub fn retry_after(&self, now: u64) -> u64 {
+    pub fn retry_after(&self, now_s: u64) -> u64 {
         self.states
             .iter()
             .filter(|s| s.exceeded())
-            .map(|s| s.reset.saturating_sub(now))
+            .map(|s| s.reset.saturating_sub(now_s))
             .max()
             .unwrap_or(0)
             .max(1)
@@ -108,7 +108,7 @@ const WINDOW: usize = 20; // u64 window_s + u64 start + u32 count
 
 /// Counts a request of the key tagged `tag` against `limits` in a slot value, returning the new
 /// slot value to write (with compare-and-swap) and the state of every limit.
-pub fn count_in_slot(slot: &[u8], tag: u64, limits: &[Limit], now: u64) -> (Vec<u8>, Counted) {
+pub fn count_in_slot(slot: &[u8], tag: u64, limits: &[Limit], now_s: u64) -> (Vec<u8>, Counted) {
     let mut out = Vec::with_capacity(slot.len() + ENTRY_HEAD + WINDOW * limits.len());
     let mut previous: &[u8] = &[];
     for (entry_tag, windows) in entries(slot) {
@@ -116,7 +116,7 @@ pub fn count_in_slot(slot: &[u8], tag: u64, limits: &[Limit], now: u64) -> (Vec<
             previous = windows;
         } else if windows
             .chunks_exact(WINDOW)
-            .any(|w| read_u64(w, 8).saturating_add(read_u64(w, 0)) > now)
+            .any(|w| read_u64(w, 8).saturating_add(read_u64(w, 0)) > now_s)
         {
             // Another key's entry with a live window: keep it as is.
             out.extend_from_slice(&entry_tag.to_le_bytes());
@@ -129,7 +129,7 @@ pub fn count_in_slot(slot: &[u8], tag: u64, limits: &[Limit], now: u64) -> (Vec<
     let mut written = 0u8;
     for l in limits {
         let w = l.window_s.max(1);
-        let start = window_start(now, w);
+        let start = window_start(now_s, w);
         // Two limits with the same window share one counter.
         let already = states.iter().any(|s: &LimitState| s.window_s == w);
         let count = if already {
@@ -196,11 +196,11 @@ fn entries(slot: &[u8]) -> impl Iterator<Item = (u64, &[u8])> {
 }
 
 /// Failed attempts of one client-IP slot: `(window start, count)`; other windows read as zero.
-pub fn failures_in_slot(slot: &[u8], limit: &Limit, now: u64) -> u64 {
+pub fn failures_in_slot(slot: &[u8], limit: &Limit, now_s: u64) -> u64 {
     if slot.len() < 12 {
         return 0;
     }
-    if read_u64(slot, 0) == window_start(now, limit.window_s) {
+    if read_u64(slot, 0) == window_start(now_s, limit.window_s) {
         read_u32(slot, 8) as u64
     } else {
         0
@@ -208,25 +208,25 @@ pub fn failures_in_slot(slot: &[u8], limit: &Limit, now: u64) -> u64 {
 }
 
 /// The slot value after one more failed attempt.
-pub fn add_failure(slot: &[u8], limit: &Limit, now: u64) -> Vec<u8> {
-    let count = failures_in_slot(slot, limit, now)
+pub fn add_failure(slot: &[u8], limit: &Limit, now_s: u64) -> Vec<u8> {
+    let count = failures_in_slot(slot, limit, now_s)
         .saturating_add(1)
         .min(u32::MAX as u64);
     let mut out = Vec::with_capacity(12);
-    out.extend_from_slice(&window_start(now, limit.window_s).to_le_bytes());
+    out.extend_from_slice(&window_start(now_s, limit.window_s).to_le_bytes());
     out.extend_from_slice(&(count as u32).to_le_bytes());
     out
 }
 
 /// Seconds until the failed-attempt window ends, at least 1.
-pub fn failure_retry_after(limit: &Limit, now: u64) -> u64 {
-    (window_start(now, limit.window_s) + limit.window_s.max(1))
-        .saturating_sub(now)
+pub fn failure_retry_after(limit: &Limit, now_s: u64) -> u64 {
+    (window_start(now_s, limit.window_s) + limit.window_s.max(1))
+        .saturating_sub(now_s)
         .max(1)
 }
 
 /// The rate-limit response headers of §4 for the tightest limit.
-pub fn headers(style: HeaderStyle, s: &LimitState, now: u64) -> Vec<(&'static str, String)> {
+pub fn headers(style: HeaderStyle, s: &LimitState, now_s: u64) -> Vec<(&'static str, String)> {
     let mut out = Vec::new();
     if matches!(style, HeaderStyle::XRateLimit | HeaderStyle::Both) {
         out.push(("x-ratelimit-limit", s.limit.to_string()));
@@ -243,7 +243,7 @@ pub fn headers(style: HeaderStyle, s: &LimitState, now: u64) -> Vec<(&'static st
             format!(
                 "\"default\";r={};t={}",
                 s.remaining(),
-                s.reset.saturating_sub(now)
+                s.reset.saturating_sub(now_s)
             ),
         ));
     }
@@ -258,11 +258,11 @@ mod tests {
         Limit { limit, window_s }
     }
 
-    /// Counts `n` requests at `now`, threading the slot value through, like the filter does.
-    fn run(slot: &mut Vec<u8>, tag: u64, limits: &[Limit], now: u64, n: usize) -> Vec<Counted> {
+    /// Counts `n` requests at `now_s`, threading the slot value through, like the filter does.
+    fn run(slot: &mut Vec<u8>, tag: u64, limits: &[Limit], now_s: u64, n: usize) -> Vec<Counted> {
         (0..n)
             .map(|_| {
-                let (next, c) = count_in_slot(slot, tag, limits, now);
+                let (next, c) = count_in_slot(slot, tag, limits, now_s);
                 *slot = next;
                 c
             })
@@ -293,11 +293,11 @@ mod tests {
     fn several_windows_report_the_tightest_and_retry_after_covers_all_exceeded() {
         let limits = [l(2, 1), l(100, 86_400)];
         let mut slot = Vec::new();
-        let now = 86_400 * 20_000 + 10;
-        let r = run(&mut slot, 9, &limits, now, 3);
+        let now_s = 86_400 * 20_000 + 10;
+        let r = run(&mut slot, 9, &limits, now_s, 3);
         assert_eq!(r[1].tightest().unwrap().window_s, 1);
         assert!(!r[2].allowed());
-        assert_eq!(r[2].retry_after(now), 1);
+        assert_eq!(r[2].retry_after(now_s), 1);
         // Both counted the denied request too.
         assert_eq!(r[2].states[1].count, 3);
         let tie = Counted {
@@ -387,8 +387,8 @@ mod tests {
             count: 48,
             reset: 1_708_345_200,
         };
-        let now = 1_708_345_166;
-        let h = headers(HeaderStyle::XRateLimit, &s, now);
+        let now_s = 1_708_345_166;
+        let h = headers(HeaderStyle::XRateLimit, &s, now_s);
         assert_eq!(
             h,
             vec![
@@ -397,7 +397,7 @@ mod tests {
                 ("x-ratelimit-reset", "1708345200".to_string())
             ]
         );
-        let h = headers(HeaderStyle::Ietf, &s, now);
+        let h = headers(HeaderStyle::Ietf, &s, now_s);
         assert_eq!(
             h,
             vec![
@@ -405,9 +405,9 @@ mod tests {
                 ("ratelimit", "\"default\";r=12;t=34".to_string())
             ]
         );
-        assert_eq!(headers(HeaderStyle::Both, &s, now).len(), 5);
-        assert!(headers(HeaderStyle::None, &s, now).is_empty());
+        assert_eq!(headers(HeaderStyle::Both, &s, now_s).len(), 5);
+        assert!(headers(HeaderStyle::None, &s, now_s).is_empty());
         let over = LimitState { count: 99, ..s };
-        assert_eq!(headers(HeaderStyle::XRateLimit, &over, now)[1].1, "0");
+        assert_eq!(headers(HeaderStyle::XRateLimit, &over, now_s)[1].1, "0");
     }
 }

@@ -15,6 +15,9 @@
 use crate::config::Limit;
 use crate::dictionary::{self, Dictionary};
 use crate::ipset::IpSet;
+use crate::shared::SharedStore;
+use crate::varint;
+use std::rc::Rc;
 
 /// First byte of a bucket value: a live bucket of records.
 pub const BUCKET_LIVE: u8 = 1;
@@ -61,12 +64,11 @@ pub fn bucket_dictionary(bucket: &[u8]) -> Option<(u8, u64)> {
     }
 }
 
-pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push(v as u8 | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
+/// The dictionary a live bucket's records refer to (see `dictionary::load`); None for a moved
+/// or malformed bucket, or a dictionary replaced twice meanwhile.
+pub fn dictionary_for(store: &dyn SharedStore, bucket: &[u8]) -> Option<Rc<Dictionary>> {
+    let (slot, tag) = bucket_dictionary(bucket)?;
+    dictionary::load(store, slot, tag)
 }
 
 fn zigzag(v: i64) -> u64 {
@@ -98,9 +100,9 @@ pub struct Entry<'a, S> {
 /// Appends a field: a dictionary reference when the value is (or can be made) an entry.
 fn put_field(out: &mut Vec<u8>, value: &[u8], dict: &mut dictionary::Builder) {
     match dict.intern(value) {
-        Some(i) => put_varint(out, (i as u64) << 1 | 1),
+        Some(i) => varint::put(out, (i as u64) << 1 | 1),
         None => {
-            put_varint(out, (value.len() as u64) << 1);
+            varint::put(out, (value.len() as u64) << 1);
             out.extend_from_slice(value);
         }
     }
@@ -108,7 +110,7 @@ fn put_field(out: &mut Vec<u8>, value: &[u8], dict: &mut dictionary::Builder) {
 
 fn put_strs<S: AsRef<str>>(out: &mut Vec<u8>, items: &[S]) {
     for s in items {
-        put_varint(out, s.as_ref().len() as u64);
+        varint::put(out, s.as_ref().len() as u64);
         out.extend_from_slice(s.as_ref().as_bytes());
     }
 }
@@ -146,9 +148,9 @@ pub fn encode<S: AsRef<str>>(
     body.extend_from_slice(&e.hash);
     body.push(flags);
     if let Some(t) = e.expires_at {
-        put_varint(body, zigzag(t));
+        varint::put(body, zigzag(t));
     }
-    put_varint(body, e.id.len() as u64);
+    varint::put(body, e.id.len() as u64);
     body.extend_from_slice(e.id.as_bytes());
     put_field(body, e.owner.as_bytes(), dict);
     if flags & FLAG_IPS != 0 {
@@ -166,12 +168,12 @@ pub fn encode<S: AsRef<str>>(
     if let Some(limits) = e.limits {
         value.clear();
         for l in limits {
-            put_varint(value, l.limit);
-            put_varint(value, l.window_s);
+            varint::put(value, l.limit);
+            varint::put(value, l.window_s);
         }
         put_field(body, value, dict);
     }
-    put_varint(out, body.len() as u64);
+    varint::put(out, body.len() as u64);
     out.extend_from_slice(body);
 }
 
@@ -410,7 +412,7 @@ mod tests {
     fn varints_and_zigzag_round_trip() {
         for v in [0u64, 1, 127, 128, 300, u32::MAX as u64, u64::MAX] {
             let mut b = Vec::new();
-            put_varint(&mut b, v);
+            varint::put(&mut b, v);
             assert_eq!(Cursor(&b).varint(), Some(v));
         }
         for t in [0i64, -5, 1_798_675_200, i64::MIN, i64::MAX] {

@@ -1,8 +1,33 @@
 //! Route rules (SPEC §3 step 11) compiled into a segment trie, so finding the first matching rule
 //! costs a walk down the request path's segments instead of a scan of every rule.
 
-use crate::config::{PathMatch, Route};
+use crate::path;
 use std::collections::HashMap;
+
+/// How a rule matches the normalised path (SPEC §3: `path_prefix` by whole segments, `path_exact`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathMatch {
+    Prefix(String),
+    Exact(String),
+}
+
+impl PathMatch {
+    /// `normalized` must come from `path::normalize`.
+    pub fn matches(&self, normalized: &str) -> bool {
+        match self {
+            PathMatch::Prefix(p) => path::prefix_matches(p, normalized),
+            PathMatch::Exact(p) => p == normalized,
+        }
+    }
+}
+
+/// One `routes` rule of the configuration (SPEC §3 step 11).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub path: PathMatch,
+    pub methods: Vec<String>,
+    pub scope: Option<String>,
+}
 
 #[derive(Clone, Debug, Default, PartialEq)]
 struct Node {

@@ -8,9 +8,11 @@
 )] // test code
 
 use keygate_core::config::Config;
+use keygate_core::counters;
 use keygate_core::decision::{decide, Kind, ListState, Outcome};
+use keygate_core::publish::{self, Publisher};
 use keygate_core::response::Class;
-use keygate_core::shared::{self, MemoryStore, Publisher};
+use keygate_core::shared::MemoryStore;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::net::IpAddr;
@@ -89,16 +91,16 @@ impl Gate {
     fn empty(cfg: Value) -> Gate {
         let cfg = config(cfg);
         let store = MemoryStore::default();
-        shared::ensure_counter_slots(&store);
+        counters::ensure_counter_slots(&store);
         let list = ListState::from_meta(
-            shared::read_meta(&store).as_ref(),
+            publish::read_meta(&store).as_ref(),
             &cfg.key_list.source_id(),
         );
         Gate { cfg, store, list }
     }
 
-    /// `document` published, fetched at `fetched_at`.
-    fn fetched_at(cfg: Value, document: Value, fetched_at: u64) -> Gate {
+    /// `document` published, fetched at `fetched_at_s`.
+    fn fetched_at_s(cfg: Value, document: Value, fetched_at_s: u64) -> Gate {
         let mut g = Gate::empty(cfg);
         let list = keygate_core::keylist::parse(document.to_string().as_bytes())
             .unwrap_or_else(|e| panic!("key list {document} rejected: {e}"));
@@ -107,7 +109,7 @@ impl Gate {
             &list,
             Some("\"etag-1\"".into()),
             &g.cfg.key_list.source_id(),
-            fetched_at,
+            fetched_at_s,
         );
         g.reload();
         assert!(g.list.loaded, "published list is not live");
@@ -115,7 +117,7 @@ impl Gate {
     }
 
     fn with_doc(cfg: Value, document: Value) -> Gate {
-        Gate::fetched_at(cfg, document, NOW)
+        Gate::fetched_at_s(cfg, document, NOW)
     }
 
     fn with_keys(cfg: Value, keys: Vec<Value>) -> Gate {
@@ -129,7 +131,7 @@ impl Gate {
 
     fn reload(&mut self) {
         self.list = ListState::from_meta(
-            shared::read_meta(&self.store).as_ref(),
+            publish::read_meta(&self.store).as_ref(),
             &self.cfg.key_list.source_id(),
         );
     }
@@ -791,17 +793,17 @@ fn step4_fail_open_passes_without_identity() {
 fn step4_stale_list_with_max_stale_s() {
     let cfg = json!({"key_list": {"max_stale_s": 60}});
     let d = doc(json!({}), vec![the_key(json!({}))]);
-    let mut g = Gate::fetched_at(cfg.clone(), d.clone(), NOW - 60);
+    let mut g = Gate::fetched_at_s(cfg.clone(), d.clone(), NOW - 60);
     assert_allowed(&g.run(&get("/x").key(KEY)));
     assert_refused(&g.run_at(&get("/x").key(KEY), NOW + 1), "unavailable");
-    let mut g = Gate::fetched_at(cfg, d.clone(), NOW - 61);
+    let mut g = Gate::fetched_at_s(cfg, d.clone(), NOW - 61);
     assert_refused(&g.run(&get("/x").key(KEY)), "unavailable");
     // A 304 refreshes freshness.
-    shared::touch(&g.store, NOW - 5);
+    publish::touch(&g.store, NOW - 5);
     g.reload();
     assert_allowed(&g.run(&get("/x").key(KEY)));
     // 0 means no limit.
-    let mut g = Gate::fetched_at(json!({}), d, NOW - 10_000_000);
+    let mut g = Gate::fetched_at_s(json!({}), d, NOW - 10_000_000);
     assert_allowed(&g.run(&get("/x").key(KEY)));
 }
 
@@ -809,7 +811,7 @@ fn step4_stale_list_with_max_stale_s() {
 fn step4_stale_list_with_fail_open_passes() {
     let cfg = json!({"key_list": {"max_stale_s": 30, "fail_open": true}});
     let d = doc(json!({}), vec![the_key(json!({}))]);
-    let mut g = Gate::fetched_at(cfg, d, NOW - 31);
+    let mut g = Gate::fetched_at_s(cfg, d, NOW - 31);
     let r = get("/x").key("ak_whatever").h("x-api-key-id", "forged");
     let o = g.run(&r);
     assert_eq!(o.kind, Kind::FailOpen, "{o:?}");

@@ -9,7 +9,8 @@
 )] // test code
 
 use keygate_core::keylist;
-use keygate_core::shared::{MemoryStore, Publisher};
+use keygate_core::publish::Publisher;
+use keygate_core::shared::MemoryStore;
 use sha2::{Digest, Sha256};
 use std::fmt::Write;
 use std::time::Instant;

@@ -5,7 +5,7 @@
 use super::host::{now_ms, HostStore};
 use super::nginx;
 use super::phase;
-use super::root::Shared;
+use super::vm::Shared;
 use keygate_core::client_ip;
 use keygate_core::decision::{self, Request};
 use proxy_wasm::hostcalls;

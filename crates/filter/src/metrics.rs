@@ -2,17 +2,10 @@
 //! None is per key or per client.
 
 use keygate_core::decision::Kind;
+use keygate_core::loader::Fetch;
 use keygate_core::response::Class;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
-
-#[derive(Clone, Copy)]
-pub enum Fetch {
-    Ok,
-    NotModified,
-    Failed,
-    Rejected,
-}
 
 #[derive(Default)]
 pub struct Metrics {
@@ -79,7 +72,13 @@ impl Metrics {
     }
 
     pub fn fetch(&self, f: Fetch) {
-        Self::bump(self.fetches.get(f as usize).copied().flatten());
+        let i = match f {
+            Fetch::Ok => 0,
+            Fetch::NotModified => 1,
+            Fetch::Failed => 2,
+            Fetch::Rejected => 3,
+        };
+        Self::bump(self.fetches.get(i).copied().flatten());
     }
 
     pub fn keys_loaded(&self, n: u64) {

@@ -1,15 +1,17 @@
-//! The root context of each VM (the main thread's and every worker's). All of them tick and
-//! refresh their view of the published list; the one holding the lease in shared data also
-//! fetches the key list, validates it and publishes it for all.
+//! The root context of each VM (the main thread's and every worker's): it keeps the VM's view of
+//! the published list fresh and forwards the key-list fetch loop's events to
+//! `keygate_core::loader`, carrying out what the loader answers (dispatch, count, log).
 
-use super::host::{now_ms, HostStore};
+use super::host::{now_ms, now_ns, HostStore};
 use super::http::Http;
-use super::metrics::{Fetch, Metrics};
+use super::metrics::Metrics;
+use super::vm::Shared;
 use keygate_core::bucket_cache::BucketCache;
-use keygate_core::config::{self, Config};
+use keygate_core::config;
+use keygate_core::counters;
 use keygate_core::decision::ListState;
-use keygate_core::keylist;
-use keygate_core::shared::{self, Publisher, SetError, SharedStore, LEASE};
+use keygate_core::loader::{Answer, Loader, Report};
+use keygate_core::publish;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
 use std::cell::{Cell, RefCell};
@@ -18,131 +20,39 @@ use std::time::Duration;
 
 /// Also how long a worker may answer from its bucket cache after a new list was published.
 const TICK: Duration = Duration::from_millis(100);
-/// A leader that stops renewing (VM gone, thread stuck) is replaced after this long.
-const LEASE_MS: u64 = 5_000;
-/// Held across parsing and publishing a list, which blocks this thread's ticks for seconds with
-/// a million keys: a shorter lease would let another context fetch and parse the same list.
-const PUBLISH_LEASE_MS: u64 = 120_000;
-const SEQ: &str = "keygate:seq";
-
-/// What every HTTP context of this VM shares with the root.
-pub struct Shared {
-    pub config: Config,
-    pub source_id: String,
-    pub list: Cell<ListState>,
-    pub buckets: RefCell<BucketCache>,
-    pub metrics: Metrics,
-    /// Whether the host is nginx (ngx_wasm_module), learnt on the first request.
-    pub nginx: Cell<Option<bool>>,
-}
 
 #[derive(Default)]
 pub struct Root {
     shared: Option<Rc<Shared>>,
-    /// Unique among the root contexts of this Envoy instance: the lease holder's name.
-    token: u64,
-    leader: bool,
-    publisher: Publisher,
-    next_fetch_ms: Option<u64>,
-    in_flight: Option<(u32, u64)>,
-    failures: u32,
+    loader: Loader,
 }
 
 impl Root {
-    fn store(&self) -> HostStore {
-        HostStore
-    }
-
-    /// A number no other root context of this instance holds (CAS increment of a counter).
-    fn take_token(&self) -> u64 {
-        let store = self.store();
-        for _ in 0..64 {
-            let (value, cas) = store.get(SEQ);
-            let n = value
-                .as_deref()
-                .and_then(|v| std::str::from_utf8(v).ok())
-                .and_then(|s| s.parse::<u64>().ok())
-                .unwrap_or(0)
-                + 1;
-            let cas = if value.is_some() { cas } else { None };
-            match store.set(SEQ, n.to_string().as_bytes(), cas) {
-                Ok(()) => return n,
-                Err(SetError::CasMismatch) => continue,
-                Err(SetError::Failed) => break,
-            }
-        }
-        now_ms()
-    }
-
     fn refresh_view(&self) {
         if let Some(s) = &self.shared {
-            let meta = shared::read_meta(&self.store());
+            let meta = publish::read_meta(&HostStore);
             s.list
                 .set(ListState::from_meta(meta.as_ref(), &s.source_id));
         }
     }
 
-    /// Takes or renews the lease for `hold_ms`; true while this context is the instance's fetcher.
-    fn hold_lease(&mut self, now: u64, hold_ms: u64) -> bool {
-        let store = self.store();
-        let (value, cas) = store.get(LEASE);
-        let (holder, until) = value
-            .as_deref()
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(|s| s.split_once(':'))
-            .and_then(|(h, u)| Some((h.parse::<u64>().ok()?, u.parse::<u64>().ok()?)))
-            .unwrap_or((0, 0));
-        if holder != self.token && until > now {
-            return false;
+    /// Counts and logs what the loader reports.
+    fn carry_out(&self, report: Report) {
+        let Some(s) = &self.shared else { return };
+        if let Some(outcome) = report.outcome {
+            s.metrics.fetch(outcome);
         }
-        let cas = if value.is_some() { cas } else { None };
-        let lease = format!("{}:{}", self.token, now + hold_ms);
-        store.set(LEASE, lease.as_bytes(), cas).is_ok()
-    }
-
-    fn schedule_after_failure(&mut self, now: u64, refresh_s: u64) {
-        self.failures = self.failures.saturating_add(1);
-        let backoff_s = (1u64 << self.failures.min(16).saturating_sub(1)).min(refresh_s);
-        self.next_fetch_ms = Some(now + backoff_s * 1000);
-    }
-
-    fn fetch(&mut self, now: u64) {
-        let Some(s) = self.shared.clone() else { return };
-        let kl = &s.config.key_list;
-        let etag = shared::read_meta(&self.store())
-            .filter(|m| m.generation > 0 && m.source == s.source_id)
-            .and_then(|m| m.etag);
-        let mut headers: Vec<(&str, &str)> = vec![
-            (":method", "GET"),
-            (":path", &kl.path),
-            (":authority", &kl.authority),
-            ("accept", "application/json"),
-        ];
-        if let Some(e) = &etag {
-            headers.push(("if-none-match", e));
+        if let Some(why) = report.reason {
+            log::warn!("keygate: key list fetch failed, keeping the last good list: {why}");
         }
-        for (k, v) in &kl.headers {
-            headers.push((k, v));
-        }
-        match self.dispatch_http_call(
-            &kl.cluster,
-            headers,
-            None,
-            vec![],
-            Duration::from_millis(kl.timeout_ms),
-        ) {
-            Ok(token) => {
-                self.in_flight = Some((token, now));
-                self.next_fetch_ms = Some(now + kl.refresh_s * 1000);
-            }
-            Err(e) => {
-                log::warn!(
-                    "keygate: key list fetch from cluster {:?} could not start: {e:?}",
-                    kl.cluster
-                );
-                s.metrics.fetch(Fetch::Failed);
-                self.schedule_after_failure(now, kl.refresh_s);
-            }
+        if let Some(meta) = report.published {
+            s.metrics.keys_loaded(meta.keys);
+            log::info!(
+                "keygate: key list {} published: {} keys in {} buckets",
+                meta.version.as_deref().unwrap_or("(no version)"),
+                meta.keys,
+                1u64 << meta.bits
+            );
         }
     }
 
@@ -162,96 +72,50 @@ impl Root {
         telling && head.get(1..) == Some(tail.as_slice())
     }
 
-    fn on_fetched(&mut self, num_headers: usize, body_size: usize) {
-        let Some(s) = self.shared.clone() else { return };
-        let kl = &s.config.key_list;
-        let now = now_ms();
-        let headers = self.get_http_call_response_headers_bytes();
-        let header = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .and_then(|(_, v)| std::str::from_utf8(v).ok())
-                .map(str::to_string)
-        };
-        let status = header(":status").unwrap_or_default();
-        let outcome = if num_headers == 0 {
-            Err((
-                Fetch::Failed,
-                "no response (connection failure or timeout)".to_string(),
-            ))
-        } else if status == "304" {
-            shared::touch(&self.store(), now / 1000);
-            Ok(Fetch::NotModified)
-        } else if status != "200" {
-            Err((Fetch::Failed, format!("status {status}")))
-        } else if body_size > kl.max_bytes {
-            Err((
-                Fetch::Rejected,
-                format!(
-                    "body of {body_size} bytes is over max_bytes {}",
-                    kl.max_bytes
-                ),
-            ))
+    fn on_fetched(&mut self, call_id: u32, num_headers: usize, body_size: usize) {
+        // The loader is taken out while the body is read through `self`.
+        let mut loader = std::mem::take(&mut self.loader);
+        let answer = if num_headers == 0 {
+            Answer::None
         } else {
-            self.hold_lease(now, PUBLISH_LEASE_MS);
-            // Read in chunks as it is parsed: the body is never copied into this VM whole.
-            // ngx_wasm_module ignores the offset of a read, so there it is read once, whole.
-            let whole = if !self.reads_at_offset(body_size) {
-                Some(
-                    self.get_http_call_response_body(0, body_size)
-                        .unwrap_or_default(),
-                )
-            } else {
-                None
+            let headers = self.get_http_call_response_headers_bytes();
+            let header = |name: &str| {
+                headers
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                    .and_then(|(_, v)| std::str::from_utf8(v).ok())
+                    .map(str::to_string)
             };
-            let parsed = {
-                let mut body = |offset: usize, max: usize| {
-                    let len = max.min(body_size.saturating_sub(offset));
-                    if len == 0 {
-                        return Vec::new();
-                    }
-                    match &whole {
-                        Some(all) => all.get(offset..offset + len).unwrap_or_default().to_vec(),
-                        None => self
-                            .get_http_call_response_body(offset, len)
-                            .unwrap_or_default(),
-                    }
-                };
-                keylist::read(&mut body, body_size)
-            };
-            match parsed {
-                Err(e) => Err((Fetch::Rejected, format!("document rejected: {e}"))),
-                Ok(list) => {
-                    let meta = self.publisher.publish(
-                        &self.store(),
-                        &list,
-                        header("etag"),
-                        &s.source_id,
-                        now / 1000,
-                    );
-                    s.metrics.keys_loaded(meta.keys);
-                    log::info!(
-                        "keygate: key list {} published: {} keys in {} buckets",
-                        meta.version.as_deref().unwrap_or("(no version)"),
-                        meta.keys,
-                        1u64 << meta.bits
-                    );
-                    Ok(Fetch::Ok)
-                }
+            Answer::Response {
+                status: header(":status").unwrap_or_default(),
+                etag: header("etag"),
+                body_size,
             }
         };
-        match outcome {
-            Ok(f) => {
-                s.metrics.fetch(f);
-                self.failures = 0;
+        // Read in chunks as it is parsed: the body is never copied into this VM whole.
+        // ngx_wasm_module ignores the offset of a read, so there it is read once, whole.
+        let mut whole: Option<Option<Vec<u8>>> = None;
+        let mut read = |offset: usize, max: usize| {
+            let len = max.min(body_size.saturating_sub(offset));
+            if len == 0 {
+                return Vec::new();
             }
-            Err((f, why)) => {
-                s.metrics.fetch(f);
-                log::warn!("keygate: key list fetch failed, keeping the last good list: {why}");
-                self.schedule_after_failure(now, kl.refresh_s);
+            let whole = whole.get_or_insert_with(|| {
+                (!self.reads_at_offset(body_size)).then(|| {
+                    self.get_http_call_response_body(0, body_size)
+                        .unwrap_or_default()
+                })
+            });
+            match whole {
+                Some(all) => all.get(offset..offset + len).unwrap_or_default().to_vec(),
+                None => self
+                    .get_http_call_response_body(offset, len)
+                    .unwrap_or_default(),
             }
-        }
+        };
+        let report = loader.on_response(&HostStore, call_id, answer, &mut read, now_ms());
+        self.loader = loader;
+        self.carry_out(report);
         self.refresh_view();
     }
 }
@@ -264,9 +128,8 @@ impl Context for Root {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        if self.in_flight.is_some_and(|(t, _)| t == token_id) {
-            self.in_flight = None;
-            self.on_fetched(num_headers, body_size);
+        if self.loader.awaits(token_id) {
+            self.on_fetched(token_id, num_headers, body_size);
         }
     }
 }
@@ -281,10 +144,9 @@ impl RootContext for Root {
                 return false;
             }
         };
-        shared::ensure_counter_slots(&self.store());
-        if self.token == 0 {
-            self.token = self.take_token();
-        }
+        counters::ensure_counter_slots(&HostStore);
+        self.loader
+            .configure(&HostStore, &config.key_list, now_ns());
         let source_id = config.key_list.source_id();
         self.shared = Some(Rc::new(Shared {
             config,
@@ -294,7 +156,6 @@ impl RootContext for Root {
             metrics: Metrics::define(),
             nginx: Cell::new(None),
         }));
-        self.next_fetch_ms = None;
         self.refresh_view();
         self.set_tick_period(TICK);
         true
@@ -303,32 +164,31 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         let Some(s) = self.shared.clone() else { return };
         self.refresh_view();
+        let kl = &s.config.key_list;
         let now = now_ms();
-        let was_leader = self.leader;
-        self.leader = self.hold_lease(now, LEASE_MS);
-        if !self.leader {
-            return;
+        let (request, report) = self.loader.tick(&HostStore, now);
+        self.carry_out(report);
+        let Some(request) = request else { return };
+        let headers: Vec<(&str, &str)> = request
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let result = self.dispatch_http_call(
+            &kl.cluster,
+            headers,
+            None,
+            vec![],
+            Duration::from_millis(request.timeout_ms),
+        );
+        if let Err(e) = &result {
+            log::warn!(
+                "keygate: key list fetch from cluster {:?} could not start: {e:?}",
+                kl.cluster
+            );
         }
-        if !was_leader {
-            // Taking over: fetch when the last fetch (by whoever) is due for refresh.
-            let list = s.list.get();
-            self.next_fetch_ms = Some(if list.loaded {
-                (list.fetched_at + s.config.key_list.refresh_s) * 1000
-            } else {
-                now
-            });
-        }
-        let timeout = s.config.key_list.timeout_ms + 1_000;
-        if self
-            .in_flight
-            .is_some_and(|(_, started)| now > started + timeout)
-        {
-            // The host never answered: give up on that call.
-            self.in_flight = None;
-        }
-        if self.in_flight.is_none() && self.next_fetch_ms.is_none_or(|t| now >= t) {
-            self.fetch(now);
-        }
+        let report = self.loader.dispatched(result.map_err(|_| ()), now);
+        self.carry_out(report);
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {

@@ -1,0 +1,274 @@
+//! Publishing a validated key list to every VM of the instance: its dictionary and buckets in
+//! shared data, then the [`Meta`] record that makes them live (SPEC §5: the list lives once per
+//! instance, and the last good list stays until a new one is published whole).
+
+use crate::dictionary;
+use crate::keylist::KeyList;
+use crate::ratelimit;
+use crate::record::{self, BUCKET_MOVED};
+use crate::shared::{key, overwrite, SharedStore};
+use serde::{Deserialize, Serialize};
+
+/// What is live: the bucket layout and the freshness of the list.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    /// Bumped by every publish; 0 means nothing published yet.
+    pub generation: u64,
+    pub bits: u8,
+    pub keys: u64,
+    pub version: Option<String>,
+    pub etag: Option<String>,
+    /// Unix seconds of the last successful fetch (a 304 counts).
+    #[serde(rename = "fetched_at")]
+    pub fetched_at_s: u64,
+    /// Unix seconds the live list was published.
+    #[serde(rename = "loaded_at")]
+    pub loaded_at_s: u64,
+    /// The key-list source this list came from (cluster and path), so a reconfigured filter
+    /// does not serve a list fetched for another source.
+    pub source: String,
+    /// The dictionary of the live buckets: its slot and tag (0: none).
+    #[serde(default)]
+    pub dict_slot: u8,
+    #[serde(default)]
+    pub dict_tag: u64,
+}
+
+pub fn read_meta(store: &dyn SharedStore) -> Option<Meta> {
+    let (value, _) = store.get(key::META);
+    serde_json::from_slice(&value?).ok()
+}
+
+fn write_meta(store: &dyn SharedStore, meta: &Meta) {
+    if let Ok(bytes) = serde_json::to_vec(meta) {
+        overwrite(store, key::META, &bytes);
+    }
+}
+
+/// The leader's memory of what it last published, so an unchanged bucket is not rewritten.
+#[derive(Default)]
+pub struct Publisher {
+    generation: u64,
+    bits: u8,
+    digests: Vec<u64>,
+}
+
+impl Publisher {
+    /// Publishes a validated list: its dictionary and new buckets first, then the meta record
+    /// that makes them live, then a `moved` mark over a replaced layout so no worker keeps
+    /// reading it. Buckets are built one at a time in one buffer, from the list's hash order.
+    pub fn publish(
+        &mut self,
+        store: &dyn SharedStore,
+        list: &KeyList,
+        etag: Option<String>,
+        source: &str,
+        now_s: u64,
+    ) -> Meta {
+        let previous = read_meta(store).unwrap_or_default();
+        let bits = record::bucket_bits(list.len());
+        let tag = dictionary::tag(list.dictionary());
+        // A new dictionary goes to the other slot: the current one may still be read.
+        let slot = if tag == 0 || (previous.generation > 0 && previous.dict_tag == tag) {
+            previous.dict_slot
+        } else {
+            let slot = if previous.generation > 0 {
+                previous.dict_slot ^ 1
+            } else {
+                0
+            };
+            let value = dictionary::shared_value(list.dictionary());
+            overwrite(store, &key::dictionary(slot), &value);
+            slot
+        };
+        // Only our own last publish tells which buckets still hold what we wrote.
+        let known = self.generation == previous.generation && self.bits == bits;
+        let mut digests = Vec::with_capacity(1 << bits);
+        let mut records = list.sorted().peekable();
+        let mut bucket = Vec::new();
+        for i in 0..1u32 << bits {
+            bucket.clear();
+            record::bucket_header(&mut bucket, slot, tag);
+            while let Some((_, r)) =
+                records.next_if(|(lead, _)| (*lead as u64) >> (32 - bits as u32) == i as u64)
+            {
+                bucket.extend_from_slice(r);
+            }
+            let d = ratelimit::fnv1a(&bucket);
+            digests.push(d);
+            if known && self.digests.get(i as usize) == Some(&d) {
+                continue;
+            }
+            overwrite(store, &key::bucket(bits, i), &bucket);
+        }
+        let meta = Meta {
+            generation: previous.generation + 1,
+            bits,
+            keys: list.len() as u64,
+            version: list.version.clone(),
+            etag,
+            fetched_at_s: now_s,
+            loaded_at_s: now_s,
+            source: source.to_string(),
+            dict_slot: slot,
+            dict_tag: tag,
+        };
+        write_meta(store, &meta);
+        if previous.generation > 0 && previous.bits != bits {
+            for i in 0..1u32 << previous.bits {
+                overwrite(store, &key::bucket(previous.bits, i), &[BUCKET_MOVED]);
+            }
+        }
+        self.generation = meta.generation;
+        self.bits = bits;
+        self.digests = digests;
+        meta
+    }
+}
+
+/// Records a successful fetch that kept the list (304): only freshness changes.
+pub fn touch(store: &dyn SharedStore, now_s: u64) {
+    if let Some(mut meta) = read_meta(store) {
+        meta.fetched_at_s = now_s;
+        write_meta(store, &meta);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keylist::{self, KeyList};
+    use crate::record::{bucket_index, dictionary_for, find, Found};
+    use crate::shared::MemoryStore;
+    use sha2::{Digest, Sha256};
+
+    fn hash(i: u32) -> [u8; 32] {
+        Sha256::digest(format!("key{i}").as_bytes()).into()
+    }
+
+    /// Keys `ids` (owner `org<i % 3>`, scopes `scope`), those in `revoked` not active.
+    fn list(ids: std::ops::Range<u32>, revoked: &[u32], scope: &str) -> KeyList {
+        let keys: Vec<String> = ids
+            .map(|i| {
+                let h: String = hash(i).iter().map(|b| format!("{b:02x}")).collect();
+                let status = if revoked.contains(&i) { "revoked" } else { "active" };
+                format!(
+                    r#"{{"id":"id{i}","hash":"{h}","owner":"org{}","status":"{status}","scopes":["{scope}"]}}"#,
+                    i % 3
+                )
+            })
+            .collect();
+        keylist::parse(format!(r#"{{"version":"1","keys":[{}]}}"#, keys.join(",")).as_bytes())
+            .unwrap()
+    }
+
+    #[derive(Debug, PartialEq)]
+    enum Seen {
+        Key {
+            id: String,
+            active: bool,
+            owner: String,
+            scopes: Vec<String>,
+        },
+        Absent,
+        Moved,
+    }
+
+    fn lookup(store: &MemoryStore, meta: &Meta, key: u32) -> Seen {
+        let h = hash(key);
+        let bucket = store
+            .get(&key::bucket(meta.bits, bucket_index(&h, meta.bits)))
+            .0
+            .unwrap_or_default();
+        let Some(dict) = dictionary_for(store, &bucket) else {
+            return Seen::Moved;
+        };
+        match find(&bucket, &h, &dict) {
+            Found::Key(r) => Seen::Key {
+                id: r.id.to_string(),
+                active: r.active,
+                owner: r.owner.to_string(),
+                scopes: r.scopes().map(str::to_string).collect(),
+            },
+            Found::Absent => Seen::Absent,
+            Found::Moved => Seen::Moved,
+        }
+    }
+
+    fn active(store: &MemoryStore, meta: &Meta, key: u32) -> Option<bool> {
+        match lookup(store, meta, key) {
+            Seen::Key { active, .. } => Some(active),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn publish_replace_and_relayout() {
+        let store = MemoryStore::default();
+        let mut p = Publisher::default();
+        let small = list(0..10, &[], "a:*");
+        let m1 = p.publish(&store, &small, Some("\"e1\"".into()), "ks/v1", 100);
+        assert_eq!((m1.generation, m1.keys), (1, 10));
+        assert_eq!(read_meta(&store).unwrap(), m1);
+        assert_eq!(
+            lookup(&store, &m1, 3),
+            Seen::Key {
+                id: "id3".into(),
+                active: true,
+                owner: "org0".into(),
+                scopes: vec!["a:*".into()]
+            }
+        );
+
+        // Revoke one key: only its bucket changes (the dictionary is the same).
+        let writes_before = store.writes();
+        let m2 = p.publish(&store, &list(0..10, &[3], "a:*"), None, "ks/v1", 110);
+        assert_eq!(store.writes() - writes_before, 2, "one bucket and the meta");
+        assert_eq!(active(&store, &m2, 3), Some(false));
+        assert_eq!(m2.dict_slot, m1.dict_slot);
+
+        // Grow: a new layout, and the old one answers `moved`.
+        let m3 = p.publish(&store, &list(0..5000, &[], "a:*"), None, "ks/v1", 120);
+        assert_ne!(m3.bits, m1.bits);
+        assert_eq!(lookup(&store, &m1, 0), Seen::Moved);
+        assert_eq!(active(&store, &m3, 4999), Some(true));
+        // A key removed from the list is absent.
+        let m4 = p.publish(&store, &list(1..5000, &[], "a:*"), None, "ks/v1", 130);
+        assert_eq!(lookup(&store, &m4, 0), Seen::Absent);
+
+        touch(&store, 999);
+        assert_eq!(read_meta(&store).unwrap().fetched_at_s, 999);
+    }
+
+    #[test]
+    fn a_new_dictionary_goes_to_the_other_slot() {
+        let store = MemoryStore::default();
+        let mut p = Publisher::default();
+        let m1 = p.publish(&store, &list(0..100, &[], "a:*"), None, "s", 1);
+        assert_ne!(m1.dict_tag, 0);
+        let m2 = p.publish(&store, &list(0..100, &[], "b:*"), None, "s", 2);
+        assert_ne!(m2.dict_slot, m1.dict_slot);
+        assert_ne!(m2.dict_tag, m1.dict_tag);
+        for i in 0..100 {
+            let Seen::Key { scopes, owner, .. } = lookup(&store, &m2, i) else {
+                panic!("key {i}")
+            };
+            assert_eq!(
+                (scopes, owner),
+                (vec!["b:*".to_string()], format!("org{}", i % 3))
+            );
+        }
+        // Back to the first dictionary: the slot flips again and the answers follow.
+        let m3 = p.publish(&store, &list(0..100, &[], "a:*"), None, "s", 3);
+        assert_eq!(m3.dict_slot, m1.dict_slot);
+        assert!(matches!(lookup(&store, &m3, 7), Seen::Key { scopes, .. } if scopes == ["a:*"]));
+    }
+
+    #[test]
+    fn a_new_leader_rewrites_everything() {
+        let store = MemoryStore::default();
+        Publisher::default().publish(&store, &list(0..10, &[], "a:*"), None, "s", 1);
+        let m = Publisher::default().publish(&store, &list(0..10, &[0], "a:*"), None, "s", 2);
+        assert_eq!(active(&store, &m, 0), Some(false));
+    }
+}
