@@ -128,16 +128,19 @@ pub async fn start(args: ServeArgs) -> Result<Running, String> {
     })
 }
 
-async fn rebuild(app: &App) {
+/// Builds and serves the current document; false (and the error kept for /healthz) on failure.
+async fn rebuild(app: &App) -> bool {
     match document::build(&app.store, Content::Served).await {
         Ok(b) => {
             app.metrics.built(b.seconds);
             app.set(b);
+            true
         }
         Err(e) => {
             app.metrics.rebuild_failures.fetch_add(1, Ordering::Relaxed);
             eprintln!("keygate keyservice: error: {e}");
             app.set_error(e);
+            false
         }
     }
 }
@@ -151,8 +154,7 @@ async fn builder(app: Arc<App>, poll: Duration, mut stop: watch::Receiver<bool>)
         if let Ok(g) = app.store.generation().await {
             let retry = failed_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(5));
             if Some(g) != served && retry {
-                rebuild(&app).await;
-                let ok = app.current().map(|b| b.generation) == Some(g);
+                let ok = rebuild(&app).await;
                 failed_at = (!ok).then(Instant::now);
             }
         }
