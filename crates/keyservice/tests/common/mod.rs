@@ -296,7 +296,7 @@ impl Pg {
     /// A fresh database on this server.
     pub fn database(&self, name: &str) -> String {
         self.run("createdb", &["-h", "127.0.0.1", "-p", &self.port(), "-U", "postgres", name]);
-        self.url.replace("/postgres", &format!("/{name}"))
+        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port())
     }
 
     fn port(&self) -> String {
