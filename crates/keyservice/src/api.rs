@@ -48,7 +48,10 @@ impl Tokens {
             .map(|t| Sha256::digest(t.as_bytes()).into())
             .collect();
         if digests.is_empty() {
-            return Err(format!("{role} tokens {}: no token in the file", path.display()));
+            return Err(format!(
+                "{role} tokens {}: no token in the file",
+                path.display()
+            ));
         }
         Ok(Tokens { role, digests })
     }
@@ -65,7 +68,13 @@ impl Tokens {
         for t in &self.digests {
             found |= t.ct_eq(&d);
         }
-        bool::from(found).then(|| format!("{}:{}", self.role, util::hex(d.get(..6).unwrap_or_default())))
+        bool::from(found).then(|| {
+            format!(
+                "{}:{}",
+                self.role,
+                util::hex(d.get(..6).unwrap_or_default())
+            )
+        })
     }
 }
 
@@ -97,7 +106,10 @@ impl App {
     }
 
     fn error(&self) -> Option<String> {
-        self.build_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.build_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -149,16 +161,24 @@ fn query(raw: Option<String>, allowed: &[&str]) -> Result<Map<String, Value>, Ap
     let mut out = Map::new();
     for (k, v) in pairs {
         if !allowed.contains(&k.as_str()) {
-            return Err(ApiError::bad(k.clone(), format!("unknown query parameter {k:?}")));
+            return Err(ApiError::bad(
+                k.clone(),
+                format!("unknown query parameter {k:?}"),
+            ));
         }
         if out.insert(k.clone(), Value::String(v)).is_some() {
-            return Err(ApiError::bad(k.clone(), format!("query parameter {k:?} given twice")));
+            return Err(ApiError::bad(
+                k.clone(),
+                format!("query parameter {k:?} given twice"),
+            ));
         }
     }
     Ok(out)
 }
 
-fn path_id(p: Result<Path<String>, axum::extract::rejection::PathRejection>) -> Result<String, ApiError> {
+fn path_id(
+    p: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<String, ApiError> {
     p.map(|Path(id)| id)
         .map_err(|_| ApiError::NotFound("no such object".into()))
 }
@@ -216,14 +236,17 @@ async fn get_keys(State(app): AppState, headers: HeaderMap) -> Result<Response, 
     reader(&app, &headers)?;
     let schema = match headers.get("x-keygate-schema") {
         None => document::LATEST,
-        Some(v) => v
-            .to_str()
-            .ok()
-            .and_then(Schema::negotiate)
-            .ok_or_else(|| ApiError::bad("x-keygate-schema", "expected schema numbers such as 1 or 1,2"))?,
+        Some(v) => v.to_str().ok().and_then(Schema::negotiate).ok_or_else(|| {
+            ApiError::bad(
+                "x-keygate-schema",
+                "expected schema numbers such as 1 or 1,2",
+            )
+        })?,
     };
     let Some(built) = app.current() else {
-        return Err(ApiError::Unavailable("the key-list document is not built yet".into()));
+        return Err(ApiError::Unavailable(
+            "the key-list document is not built yet".into(),
+        ));
     };
     let doc = built.doc(schema);
     let etag = HeaderValue::from_str(&doc.etag).map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -235,7 +258,10 @@ async fn get_keys(State(app): AppState, headers: HeaderMap) -> Result<Response, 
             HeaderValue::from(schema as u16),
         ),
     ];
-    if let Some(inm) = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
+    if let Some(inm) = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+    {
         if document::none_match(inm, &doc.etag) {
             app.metrics.not_modified.fetch_add(1, Ordering::Relaxed);
             let mut r = StatusCode::NOT_MODIFIED.into_response();
@@ -245,10 +271,14 @@ async fn get_keys(State(app): AppState, headers: HeaderMap) -> Result<Response, 
         }
     }
     let parts = doc.parts.clone();
-    let stream = futures_util::stream::iter(parts.into_iter().map(Ok::<_, std::convert::Infallible>));
+    let stream =
+        futures_util::stream::iter(parts.into_iter().map(Ok::<_, std::convert::Infallible>));
     let mut r = Response::new(Body::from_stream(stream));
     let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(doc.len));
     h.insert(header::ETAG, etag);
     h.extend(common);
@@ -261,16 +291,26 @@ async fn healthz(State(app): AppState) -> Result<Json<Value>, ApiError> {
     match ping {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(ApiError::Unavailable(format!("database unreachable: {e}"))),
-        Err(_) => return Err(ApiError::Unavailable("database did not answer within 2 s".into())),
+        Err(_) => {
+            return Err(ApiError::Unavailable(
+                "database did not answer within 2 s".into(),
+            ))
+        }
     }
     if let Some(e) = app.error() {
-        return Err(ApiError::Unavailable(format!("building the key-list document failed: {e}")));
+        return Err(ApiError::Unavailable(format!(
+            "building the key-list document failed: {e}"
+        )));
     }
     let Some(b) = app.current() else {
-        return Err(ApiError::Unavailable("the key-list document is not built yet".into()));
+        return Err(ApiError::Unavailable(
+            "the key-list document is not built yet".into(),
+        ));
     };
-    Ok(Json(json!({"status": "ok", "generation": b.generation, "keys": b.keys,
-        "database": match app.store.kind { crate::store::Kind::Sqlite => "sqlite", crate::store::Kind::Postgres => "postgres" }})))
+    Ok(Json(
+        json!({"status": "ok", "generation": b.generation, "keys": b.keys,
+        "database": match app.store.kind { crate::store::Kind::Sqlite => "sqlite", crate::store::Kind::Postgres => "postgres" }}),
+    ))
 }
 
 async fn metrics(State(app): AppState) -> Response {
@@ -296,7 +336,11 @@ fn with_key(record: Value, key: String) -> Value {
     record
 }
 
-async fn create_key(State(app): AppState, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn create_key(
+    State(app): AppState,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let actor = admin(&app, &headers)?;
     let m = read_object(body).await?;
     let c = model::create_key(&m, util::now())?;
@@ -304,7 +348,11 @@ async fn create_key(State(app): AppState, headers: HeaderMap, body: Body) -> Res
     Ok((StatusCode::CREATED, Json(with_key(row.record(), key))).into_response())
 }
 
-async fn list_keys(State(app): AppState, headers: HeaderMap, RawQuery(q): RawQuery) -> Result<Json<Value>, ApiError> {
+async fn list_keys(
+    State(app): AppState,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
     admin(&app, &headers)?;
     let q = query(q, &["owner", "status", "plan", "limit", "cursor"])?;
     let s = |k: &str| q.get(k).and_then(Value::as_str).map(str::to_string);
@@ -314,12 +362,17 @@ async fn list_keys(State(app): AppState, headers: HeaderMap, RawQuery(q): RawQue
             .parse::<i64>()
             .ok()
             .filter(|n| (1..=1000).contains(n))
-            .ok_or_else(|| ApiError::bad("limit", format!("{l:?} is not an integer in 1..=1000")))?,
+            .ok_or_else(|| {
+                ApiError::bad("limit", format!("{l:?} is not an integer in 1..=1000"))
+            })?,
     };
     let status = s("status");
     if let Some(st) = &status {
         if !model::SETTABLE_STATUSES.contains(&st.as_str()) {
-            return Err(ApiError::bad("status", format!("{st:?} is not one of active, disabled, revoked")));
+            return Err(ApiError::bad(
+                "status",
+                format!("{st:?} is not one of active, disabled, revoked"),
+            ));
         }
     }
     let after = match s("cursor") {
@@ -331,26 +384,47 @@ async fn list_keys(State(app): AppState, headers: HeaderMap, RawQuery(q): RawQue
                 .ok_or_else(|| ApiError::bad("cursor", "not a cursor this service gave"))?,
         ),
     };
-    let f = KeyFilter { owner: s("owner"), status, plan: s("plan"), after, limit: limit + 1 };
+    let f = KeyFilter {
+        owner: s("owner"),
+        status,
+        plan: s("plan"),
+        after,
+        limit: limit + 1,
+    };
     let mut rows = app.store.list_keys(&f).await?;
     let more = rows.len() as i64 > limit;
     rows.truncate(usize::try_from(limit).unwrap_or(100));
     let next = if more {
-        rows.last().map(|r| format!("c1{}", util::hex(r.id.as_bytes())))
+        rows.last()
+            .map(|r| format!("c1{}", util::hex(r.id.as_bytes())))
     } else {
         None
     };
-    Ok(Json(json!({"keys": rows.iter().map(|r| r.record()).collect::<Vec<_>>(), "next_cursor": next})))
+    Ok(Json(
+        json!({"keys": rows.iter().map(|r| r.record()).collect::<Vec<_>>(), "next_cursor": next}),
+    ))
 }
 
-async fn get_key(State(app): AppState, headers: HeaderMap, id: Result<Path<String>, axum::extract::rejection::PathRejection>) -> Result<Json<Value>, ApiError> {
+async fn get_key(
+    State(app): AppState,
+    headers: HeaderMap,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<Value>, ApiError> {
     admin(&app, &headers)?;
     let id = path_id(id)?;
-    let row = app.store.get_key(&id).await?.ok_or_else(|| ApiError::NotFound(format!("no key {id:?}")))?;
+    let row = app
+        .store
+        .get_key(&id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no key {id:?}")))?;
     Ok(Json(row.record()))
 }
 
-async fn lookup(State(app): AppState, headers: HeaderMap, body: Body) -> Result<Json<Value>, ApiError> {
+async fn lookup(
+    State(app): AppState,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
     admin(&app, &headers)?;
     let m = read_object(body).await?;
     model::check_members(&m, "", &["key"], &[])?;
@@ -359,11 +433,20 @@ async fn lookup(State(app): AppState, headers: HeaderMap, body: Body) -> Result<
         _ => return Err(ApiError::bad("key", "expected the key, a non-empty string")),
     };
     let hash = util::sha256_hex(key.as_bytes());
-    let row = app.store.lookup(&hash).await?.ok_or_else(|| ApiError::NotFound("no key matches".into()))?;
+    let row = app
+        .store
+        .lookup(&hash)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("no key matches".into()))?;
     Ok(Json(row.record()))
 }
 
-async fn patch_key(State(app): AppState, headers: HeaderMap, id: Result<Path<String>, axum::extract::rejection::PathRejection>, body: Body) -> Result<Json<Value>, ApiError> {
+async fn patch_key(
+    State(app): AppState,
+    headers: HeaderMap,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
     let actor = admin(&app, &headers)?;
     let id = path_id(id)?;
     let m = read_object(body).await?;
@@ -372,7 +455,12 @@ async fn patch_key(State(app): AppState, headers: HeaderMap, id: Result<Path<Str
     Ok(Json(row.record()))
 }
 
-async fn rotate(State(app): AppState, headers: HeaderMap, id: Result<Path<String>, axum::extract::rejection::PathRejection>, body: Body) -> Result<Response, ApiError> {
+async fn rotate(
+    State(app): AppState,
+    headers: HeaderMap,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
     let actor = admin(&app, &headers)?;
     let id = path_id(id)?;
     let bytes = read_body(body, ADMIN_BODY).await?;
@@ -386,14 +474,23 @@ async fn rotate(State(app): AppState, headers: HeaderMap, id: Result<Path<String
     Ok((StatusCode::CREATED, Json(with_key(row.record(), key))).into_response())
 }
 
-async fn delete_key(State(app): AppState, headers: HeaderMap, id: Result<Path<String>, axum::extract::rejection::PathRejection>) -> Result<StatusCode, ApiError> {
+async fn delete_key(
+    State(app): AppState,
+    headers: HeaderMap,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<StatusCode, ApiError> {
     let actor = admin(&app, &headers)?;
     let id = path_id(id)?;
     app.store.delete_key(&actor, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn key_usage(State(app): AppState, headers: HeaderMap, id: Result<Path<String>, axum::extract::rejection::PathRejection>, RawQuery(q): RawQuery) -> Result<Json<Value>, ApiError> {
+async fn key_usage(
+    State(app): AppState,
+    headers: HeaderMap,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
     admin(&app, &headers)?;
     let id = path_id(id)?;
     let q = query(q, &["days"])?;
@@ -405,35 +502,61 @@ async fn key_usage(State(app): AppState, headers: HeaderMap, id: Result<Path<Str
             .filter(|n| (1..=3660).contains(n))
             .ok_or_else(|| ApiError::bad("days", format!("{d:?} is not an integer in 1..=3660")))?,
     };
-    let row = app.store.get_key(&id).await?.ok_or_else(|| ApiError::NotFound(format!("no key {id:?}")))?;
+    let row = app
+        .store
+        .get_key(&id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no key {id:?}")))?;
     let since = util::day(util::now() - (days - 1) * 86_400);
     let per_day = app.store.key_usage(&id, &since).await?;
-    Ok(Json(json!({"id": row.id, "last_used_at": row.last_used_at.map(util::rfc3339), "days": per_day})))
+    Ok(Json(
+        json!({"id": row.id, "last_used_at": row.last_used_at.map(util::rfc3339), "days": per_day}),
+    ))
 }
 
 async fn list_owners(State(app): AppState, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     admin(&app, &headers)?;
     let all = app.store.list_owners().await?;
-    Ok(Json(json!({"owners": all.iter().map(|o| o.to_json()).collect::<Vec<_>>()})))
+    Ok(Json(
+        json!({"owners": all.iter().map(|o| o.to_json()).collect::<Vec<_>>()}),
+    ))
 }
 
 async fn list_plans(State(app): AppState, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     admin(&app, &headers)?;
     let all = app.store.list_plans().await?;
-    Ok(Json(json!({"plans": all.iter().map(|o| o.to_json()).collect::<Vec<_>>()})))
+    Ok(Json(
+        json!({"plans": all.iter().map(|o| o.to_json()).collect::<Vec<_>>()}),
+    ))
 }
 
-async fn get_owner(State(app): AppState, headers: HeaderMap, id: Result<Path<String>, axum::extract::rejection::PathRejection>) -> Result<Json<Value>, ApiError> {
+async fn get_owner(
+    State(app): AppState,
+    headers: HeaderMap,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<Value>, ApiError> {
     admin(&app, &headers)?;
     let id = path_id(id)?;
-    let o = app.store.get_owner(&id).await?.ok_or_else(|| ApiError::NotFound(format!("no owner {id:?}")))?;
+    let o = app
+        .store
+        .get_owner(&id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no owner {id:?}")))?;
     Ok(Json(o.to_json()))
 }
 
-async fn get_plan(State(app): AppState, headers: HeaderMap, id: Result<Path<String>, axum::extract::rejection::PathRejection>) -> Result<Json<Value>, ApiError> {
+async fn get_plan(
+    State(app): AppState,
+    headers: HeaderMap,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<Value>, ApiError> {
     admin(&app, &headers)?;
     let id = path_id(id)?;
-    let o = app.store.get_plan(&id).await?.ok_or_else(|| ApiError::NotFound(format!("no plan {id:?}")))?;
+    let o = app
+        .store
+        .get_plan(&id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no plan {id:?}")))?;
     Ok(Json(o.to_json()))
 }
 
@@ -441,36 +564,62 @@ fn named_id(id: &str) -> Result<(), ApiError> {
     model::name(&Value::String(id.to_string()), "id").map(|_| ())
 }
 
-async fn put_owner(State(app): AppState, headers: HeaderMap, id: Result<Path<String>, axum::extract::rejection::PathRejection>, body: Body) -> Result<Response, ApiError> {
+async fn put_owner(
+    State(app): AppState,
+    headers: HeaderMap,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
     let actor = admin(&app, &headers)?;
     let id = path_id(id)?;
     named_id(&id)?;
     let m = read_object(body).await?;
     let o = model::owner(&m, "")?;
     let (created, stored) = app.store.put_owner(&actor, &id, o).await?;
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(stored.to_json())).into_response())
 }
 
-async fn put_plan(State(app): AppState, headers: HeaderMap, id: Result<Path<String>, axum::extract::rejection::PathRejection>, body: Body) -> Result<Response, ApiError> {
+async fn put_plan(
+    State(app): AppState,
+    headers: HeaderMap,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
     let actor = admin(&app, &headers)?;
     let id = path_id(id)?;
     named_id(&id)?;
     let m = read_object(body).await?;
     let limits = model::plan(&m, "")?;
     let (created, stored) = app.store.put_plan(&actor, &id, limits).await?;
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(stored.to_json())).into_response())
 }
 
-async fn delete_owner(State(app): AppState, headers: HeaderMap, id: Result<Path<String>, axum::extract::rejection::PathRejection>) -> Result<StatusCode, ApiError> {
+async fn delete_owner(
+    State(app): AppState,
+    headers: HeaderMap,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<StatusCode, ApiError> {
     let actor = admin(&app, &headers)?;
     let id = path_id(id)?;
     app.store.delete_named(&actor, Named2::Owner, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn delete_plan(State(app): AppState, headers: HeaderMap, id: Result<Path<String>, axum::extract::rejection::PathRejection>) -> Result<StatusCode, ApiError> {
+async fn delete_plan(
+    State(app): AppState,
+    headers: HeaderMap,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<StatusCode, ApiError> {
     let actor = admin(&app, &headers)?;
     let id = path_id(id)?;
     app.store.delete_named(&actor, Named2::Plan, &id).await?;
@@ -478,7 +627,11 @@ async fn delete_plan(State(app): AppState, headers: HeaderMap, id: Result<Path<S
 }
 
 /// `POST /v1/admin/import`: a §2 document into the database (see README).
-async fn import(State(app): AppState, headers: HeaderMap, body: Body) -> Result<Json<Value>, ApiError> {
+async fn import(
+    State(app): AppState,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
     let actor = admin(&app, &headers)?;
     let bytes = read_body(body, IMPORT_BODY).await?;
     let doc = model::import(&bytes)?;
@@ -488,12 +641,18 @@ async fn import(State(app): AppState, headers: HeaderMap, body: Body) -> Result<
 /// `GET /v1/admin/export`: every key that is not deleted, as a §2 document with metadata.
 async fn export(State(app): AppState, headers: HeaderMap) -> Result<Response, ApiError> {
     admin(&app, &headers)?;
-    let built = document::build(&app.store, Content::Export).await.map_err(ApiError::Internal)?;
+    let built = document::build(&app.store, Content::Export)
+        .await
+        .map_err(ApiError::Internal)?;
     let doc = built.doc(document::LATEST);
     Ok(([(header::CONTENT_TYPE, "application/json")], doc.to_vec()).into_response())
 }
 
-async fn audit(State(app): AppState, headers: HeaderMap, RawQuery(q): RawQuery) -> Result<Json<Value>, ApiError> {
+async fn audit(
+    State(app): AppState,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
     admin(&app, &headers)?;
     let q = query(q, &["after", "limit"])?;
     let num = |k: &str, d: i64, max: i64| match q.get(k).and_then(Value::as_str) {
@@ -511,14 +670,20 @@ async fn audit(State(app): AppState, headers: HeaderMap, RawQuery(q): RawQuery) 
 }
 
 /// `POST /v1/usage`: per-key counts from a gateway (format in README).
-async fn post_usage(State(app): AppState, headers: HeaderMap, body: Body) -> Result<Json<Value>, ApiError> {
+async fn post_usage(
+    State(app): AppState,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
     reader(&app, &headers)?;
     let m = model::parse_object(&read_body(body, USAGE_BODY).await?)?;
     let now = util::now();
     let (at, reports) = usage_body(&m, now)?;
     let (applied, unknown) = app.store.apply_usage(&util::day(at), &reports).await?;
     app.metrics.usage_reports.fetch_add(1, Ordering::Relaxed);
-    app.metrics.usage_keys.fetch_add(applied as u64, Ordering::Relaxed);
+    app.metrics
+        .usage_keys
+        .fetch_add(applied as u64, Ordering::Relaxed);
     Ok(Json(json!({"accepted": applied, "unknown": unknown})))
 }
 
@@ -535,7 +700,10 @@ fn usage_body(m: &Map<String, Value>, now: i64) -> Result<(i64, Vec<UsageReport>
         return Err(ApiError::bad("reports", "expected an array"));
     };
     if items.len() > MAX_USAGE_REPORTS {
-        return Err(ApiError::bad("reports", format!("more than {MAX_USAGE_REPORTS} entries")));
+        return Err(ApiError::bad(
+            "reports",
+            format!("more than {MAX_USAGE_REPORTS} entries"),
+        ));
     }
     let count = |v: &Value, f: String| {
         v.as_u64()
@@ -548,7 +716,12 @@ fn usage_body(m: &Map<String, Value>, now: i64) -> Result<(i64, Vec<UsageReport>
         let Value::Object(r) = r else {
             return Err(ApiError::bad(format!("reports[{i}]"), "expected an object"));
         };
-        model::check_members(r, &format!("reports[{i}]."), &["id", "allowed", "refused", "last_used_at"], &[])?;
+        model::check_members(
+            r,
+            &format!("reports[{i}]."),
+            &["id", "allowed", "refused", "last_used_at"],
+            &[],
+        )?;
         let id = model::name(r.get("id").unwrap_or(&Value::Null), &f("id"))?;
         let allowed = match r.get("allowed") {
             None => 0,
@@ -560,7 +733,10 @@ fn usage_body(m: &Map<String, Value>, now: i64) -> Result<(i64, Vec<UsageReport>
             Some(Value::Object(classes)) => {
                 for (class, n) in classes {
                     if !USAGE_CLASSES.contains(&class.as_str()) {
-                        return Err(ApiError::bad(f(&format!("refused.{class}")), "not a decision class of SPEC §4"));
+                        return Err(ApiError::bad(
+                            f(&format!("refused.{class}")),
+                            "not a decision class of SPEC §4",
+                        ));
                     }
                     refused.push((class.clone(), count(n, f(&format!("refused.{class}")))?));
                 }
@@ -571,7 +747,12 @@ fn usage_body(m: &Map<String, Value>, now: i64) -> Result<(i64, Vec<UsageReport>
             None | Some(Value::Null) => None,
             Some(v) => Some(model::time(v, &f("last_used_at"))?.min(now)),
         };
-        out.push(UsageReport { id, allowed, refused, last_used_at });
+        out.push(UsageReport {
+            id,
+            allowed,
+            refused,
+            last_used_at,
+        });
     }
     Ok((at, out))
 }

@@ -306,11 +306,11 @@ fn write_key(out: &mut Vec<u8>, r: &sqlx::any::AnyRow, metadata: bool) -> Result
 
 /// Whether an `If-None-Match` value matches `etag` (weak comparison, lists and `*`).
 pub fn none_match(header: &str, etag: &str) -> bool {
-    header.split(',').map(str::trim).any(|t| {
-        t == "*" || t.strip_prefix("W/").unwrap_or(t) == etag
-    })
+    header
+        .split(',')
+        .map(str::trim)
+        .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == etag)
 }
-
 
 #[cfg(test)]
 mod tests {

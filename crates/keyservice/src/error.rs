@@ -8,7 +8,10 @@ use serde_json::json;
 #[derive(Debug)]
 pub enum ApiError {
     /// 400 `invalid_request`; nothing was changed.
-    BadRequest { field: Option<String>, message: String },
+    BadRequest {
+        field: Option<String>,
+        message: String,
+    },
     /// 401 `unauthorized`: no bearer token.
     Unauthorized,
     /// 403 `forbidden`: a token that is not accepted here.

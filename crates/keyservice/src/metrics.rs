@@ -61,26 +61,78 @@ impl Metrics {
             }
         }
         let counters = [
-            ("document_rebuilds_total", "Key-list documents built.", &self.rebuilds),
-            ("document_rebuild_failures_total", "Key-list document builds that failed (the last good one stays served).", &self.rebuild_failures),
-            ("document_not_modified_total", "GET /v1/keys answered 304.", &self.not_modified),
-            ("usage_reports_total", "Usage reports accepted.", &self.usage_reports),
-            ("usage_key_entries_total", "Per-key entries in accepted usage reports.", &self.usage_keys),
-            ("keys_unlisted_total", "Keys taken out of the document after the retention period.", &self.purged),
+            (
+                "document_rebuilds_total",
+                "Key-list documents built.",
+                &self.rebuilds,
+            ),
+            (
+                "document_rebuild_failures_total",
+                "Key-list document builds that failed (the last good one stays served).",
+                &self.rebuild_failures,
+            ),
+            (
+                "document_not_modified_total",
+                "GET /v1/keys answered 304.",
+                &self.not_modified,
+            ),
+            (
+                "usage_reports_total",
+                "Usage reports accepted.",
+                &self.usage_reports,
+            ),
+            (
+                "usage_key_entries_total",
+                "Per-key entries in accepted usage reports.",
+                &self.usage_keys,
+            ),
+            (
+                "keys_unlisted_total",
+                "Keys taken out of the document after the retention period.",
+                &self.purged,
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(out, "# HELP keygate_keyservice_{name} {help}");
             let _ = writeln!(out, "# TYPE keygate_keyservice_{name} counter");
-            let _ = writeln!(out, "keygate_keyservice_{name} {}", v.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "keygate_keyservice_{name} {}",
+                v.load(Ordering::Relaxed)
+            );
         }
         let secs = |m: &AtomicU64| m.load(Ordering::Relaxed) as f64 / 1e6;
         let gauges = [
-            ("document_build_duration_seconds", "Wall time of the last document build, in seconds.", secs(&self.build_micros_last)),
-            ("document_build_duration_seconds_sum", "Total wall time of document builds, in seconds.", secs(&self.build_micros_sum)),
-            ("document_keys", "Keys in the served document.", doc.keys as f64),
-            ("document_bytes", "Bytes of the served document (schema 2).", doc.bytes as f64),
-            ("document_generation", "Generation of the served document.", doc.generation as f64),
-            ("document_ready", "1 when a document has been built.", f64::from(u8::from(doc.built))),
+            (
+                "document_build_duration_seconds",
+                "Wall time of the last document build, in seconds.",
+                secs(&self.build_micros_last),
+            ),
+            (
+                "document_build_duration_seconds_sum",
+                "Total wall time of document builds, in seconds.",
+                secs(&self.build_micros_sum),
+            ),
+            (
+                "document_keys",
+                "Keys in the served document.",
+                doc.keys as f64,
+            ),
+            (
+                "document_bytes",
+                "Bytes of the served document (schema 2).",
+                doc.bytes as f64,
+            ),
+            (
+                "document_generation",
+                "Generation of the served document.",
+                doc.generation as f64,
+            ),
+            (
+                "document_ready",
+                "1 when a document has been built.",
+                f64::from(u8::from(doc.built)),
+            ),
         ];
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP keygate_keyservice_{name} {help}");
@@ -92,5 +144,7 @@ impl Metrics {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

@@ -112,7 +112,9 @@ pub fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     match parsed {
         Ok(Strict(Value::Object(m))) => Ok(m),
         Ok(_) => Err(ApiError::bad_body("the request body must be a JSON object")),
-        Err(e) => Err(ApiError::bad_body(format!("the request body is not valid JSON: {e}"))),
+        Err(e) => Err(ApiError::bad_body(format!(
+            "the request body is not valid JSON: {e}"
+        ))),
     }
 }
 
@@ -153,7 +155,10 @@ fn type_name(v: &Value) -> &'static str {
 /// An id or owner: 1–256 visible ASCII characters (SPEC §2).
 pub fn name(v: &Value, field: &str) -> Result<String, ApiError> {
     let Value::String(s) = v else {
-        return Err(ApiError::bad(field, format!("expected a string, found {}", type_name(v))));
+        return Err(ApiError::bad(
+            field,
+            format!("expected a string, found {}", type_name(v)),
+        ));
     };
     if !valid_name(s) {
         return Err(ApiError::bad(
@@ -166,15 +171,22 @@ pub fn name(v: &Value, field: &str) -> Result<String, ApiError> {
 
 /// Free text for people (`name`, `description`): `null` or a string of at most `max`
 /// characters without control characters (newline and tab allowed in `description`).
-pub fn text(v: &Value, field: &str, max: usize, multiline: bool) -> Result<Option<String>, ApiError> {
+pub fn text(
+    v: &Value,
+    field: &str,
+    max: usize,
+    multiline: bool,
+) -> Result<Option<String>, ApiError> {
     match v {
         Value::Null => Ok(None),
         Value::String(s) => {
             if s.chars().count() > max {
-                return Err(ApiError::bad(field, format!("longer than {max} characters")));
+                return Err(ApiError::bad(
+                    field,
+                    format!("longer than {max} characters"),
+                ));
             }
-            if s
-                .chars()
+            if s.chars()
                 .any(|c| c.is_control() && !(multiline && (c == '\n' || c == '\t')))
             {
                 return Err(ApiError::bad(field, "contains a control character"));
@@ -201,7 +213,10 @@ pub fn names(v: &Value, field: &str, nullable: bool) -> Result<Vec<String>, ApiE
         }
     };
     if items.len() > MAX_LIST {
-        return Err(ApiError::bad(field, format!("more than {MAX_LIST} entries")));
+        return Err(ApiError::bad(
+            field,
+            format!("more than {MAX_LIST} entries"),
+        ));
     }
     items
         .iter()
@@ -223,16 +238,25 @@ pub fn ips(v: &Value, field: &str, nullable: bool) -> Result<Vec<String>, ApiErr
         }
     };
     if items.len() > MAX_LIST {
-        return Err(ApiError::bad(field, format!("more than {MAX_LIST} entries")));
+        return Err(ApiError::bad(
+            field,
+            format!("more than {MAX_LIST} entries"),
+        ));
     }
     let mut out = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let f = format!("{field}[{i}]");
         let Value::String(s) = item else {
-            return Err(ApiError::bad(f, format!("expected a string, found {}", type_name(item))));
+            return Err(ApiError::bad(
+                f,
+                format!("expected a string, found {}", type_name(item)),
+            ));
         };
         if IpSet::parse(&[s.as_str()]).is_err() {
-            return Err(ApiError::bad(f, format!("{s:?} is not an IP address or CIDR")));
+            return Err(ApiError::bad(
+                f,
+                format!("{s:?} is not an IP address or CIDR"),
+            ));
         }
         out.push(s.clone());
     }
@@ -260,20 +284,32 @@ pub fn limits(v: &Value, field: &str) -> Result<Vec<RateLimit>, ApiError> {
     let Value::Array(items) = v else {
         return Err(ApiError::bad(
             field,
-            format!("expected an array of limits or null, found {}", type_name(v)),
+            format!(
+                "expected an array of limits or null, found {}",
+                type_name(v)
+            ),
         ));
     };
     if items.len() > MAX_LIMITS {
-        return Err(ApiError::bad(field, format!("more than {MAX_LIMITS} limits")));
+        return Err(ApiError::bad(
+            field,
+            format!("more than {MAX_LIMITS} limits"),
+        ));
     }
     let mut out = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let f = format!("{field}[{i}]");
         let Value::Object(m) = item else {
-            return Err(ApiError::bad(f, format!("expected an object, found {}", type_name(item))));
+            return Err(ApiError::bad(
+                f,
+                format!("expected an object, found {}", type_name(item)),
+            ));
         };
         check_members(m, &format!("{f}."), &["limit", "window_s"], &[])?;
-        let limit = integer(m.get("limit").unwrap_or(&Value::Null), &format!("{f}.limit"))?;
+        let limit = integer(
+            m.get("limit").unwrap_or(&Value::Null),
+            &format!("{f}.limit"),
+        )?;
         let window_s = integer(
             m.get("window_s").unwrap_or(&Value::Null),
             &format!("{f}.window_s"),
@@ -384,11 +420,7 @@ const SETTING_MEMBERS: &[&str] = &[
     "rate_limits",
 ];
 
-fn settings_member(
-    s: &mut Settings,
-    k: &str,
-    v: &Value,
-) -> Result<(), ApiError> {
+fn settings_member(s: &mut Settings, k: &str, v: &Value) -> Result<(), ApiError> {
     match k {
         "name" => s.name = text(v, k, MAX_NAME, false)?,
         "description" => s.description = text(v, k, MAX_DESCRIPTION, true)?,
@@ -470,7 +502,10 @@ pub fn create_key(m: &Map<String, Value>, now: i64) -> Result<CreateKey, ApiErro
 
 fn prefix(v: &Value) -> Result<String, ApiError> {
     let Value::String(s) = v else {
-        return Err(ApiError::bad("prefix", format!("expected a string, found {}", type_name(v))));
+        return Err(ApiError::bad(
+            "prefix",
+            format!("expected a string, found {}", type_name(v)),
+        ));
     };
     if s.len() > MAX_PREFIX
         || !s
@@ -510,8 +545,17 @@ pub fn patch_key(m: &Map<String, Value>) -> Result<PatchKey, ApiError> {
         "",
         &allowed,
         &[
-            "expires_at", "key", "hash", "id", "owner", "prefix", "encoding", "bytes",
-            "created_at", "updated_at", "last_used_at",
+            "expires_at",
+            "key",
+            "hash",
+            "id",
+            "owner",
+            "prefix",
+            "encoding",
+            "bytes",
+            "created_at",
+            "updated_at",
+            "last_used_at",
         ],
     )?;
     let mut p = PatchKey::default();
@@ -534,13 +578,18 @@ pub fn patch_key(m: &Map<String, Value>) -> Result<PatchKey, ApiError> {
                 let Value::String(s) = v else {
                     return Err(ApiError::bad(
                         "status",
-                        format!("expected one of active, disabled, revoked, found {}", type_name(v)),
+                        format!(
+                            "expected one of active, disabled, revoked, found {}",
+                            type_name(v)
+                        ),
                     ));
                 };
                 if !SETTABLE_STATUSES.contains(&s.as_str()) {
                     return Err(ApiError::bad(
                         "status",
-                        format!("{s:?} is not one of active, disabled, revoked (DELETE deletes a key)"),
+                        format!(
+                            "{s:?} is not one of active, disabled, revoked (DELETE deletes a key)"
+                        ),
                     ));
                 }
                 p.status = Some(s.clone());
@@ -570,7 +619,9 @@ pub fn rotate(m: &Map<String, Value>, now: i64) -> Result<Rotate, ApiError> {
             i64::try_from(n)
                 .ok()
                 .filter(|n| *n <= MAX_OVERLAP_S)
-                .ok_or_else(|| ApiError::bad("overlap_s", format!("{n} is larger than {MAX_OVERLAP_S}")))?
+                .ok_or_else(|| {
+                    ApiError::bad("overlap_s", format!("{n} is larger than {MAX_OVERLAP_S}"))
+                })?
         }
     };
     let expires_at = match m.get("expires_at") {
@@ -602,7 +653,10 @@ pub fn owner(m: &Map<String, Value>, prefix: &str) -> Result<Owner, ApiError> {
         Some(v) => {
             return Err(ApiError::bad(
                 format!("{prefix}status"),
-                format!("expected \"active\" or \"disabled\", found {}", describe_value(v)),
+                format!(
+                    "expected \"active\" or \"disabled\", found {}",
+                    describe_value(v)
+                ),
             ))
         }
     };
@@ -729,13 +783,28 @@ mod tests {
             (r#"{"owner":"o","bytes":8}"#, "bytes"),
             (r#"{"owner":"o","encoding":"b64"}"#, "encoding"),
             (r#"{"owner":"o","prefix":"a b"}"#, "prefix"),
-            (r#"{"owner":"o","allowed_ips":["10.0.0.0/33"]}"#, "allowed_ips[0]"),
-            (r#"{"owner":"o","rate_limits":[{"limit":1,"window_s":0}]}"#, "rate_limits[0].window_s"),
-            (r#"{"owner":"o","rate_limits":[{"limit":-1,"window_s":1}]}"#, "rate_limits[0].limit"),
-            (r#"{"owner":"o","rate_limits":[{"limit":1,"window_s":1,"x":1}]}"#, "rate_limits[0].x"),
+            (
+                r#"{"owner":"o","allowed_ips":["10.0.0.0/33"]}"#,
+                "allowed_ips[0]",
+            ),
+            (
+                r#"{"owner":"o","rate_limits":[{"limit":1,"window_s":0}]}"#,
+                "rate_limits[0].window_s",
+            ),
+            (
+                r#"{"owner":"o","rate_limits":[{"limit":-1,"window_s":1}]}"#,
+                "rate_limits[0].limit",
+            ),
+            (
+                r#"{"owner":"o","rate_limits":[{"limit":1,"window_s":1,"x":1}]}"#,
+                "rate_limits[0].x",
+            ),
             (r#"{"owner":"o","scopes":["a b"]}"#, "scopes[0]"),
             (r#"{"owner":"o","expires_at":"tomorrow"}"#, "expires_at"),
-            (r#"{"owner":"o","expires_at":"2001-01-01T00:00:00Z"}"#, "expires_at"),
+            (
+                r#"{"owner":"o","expires_at":"2001-01-01T00:00:00Z"}"#,
+                "expires_at",
+            ),
         ];
         for (body, want) in cases {
             let e = create_key(&obj(body), 1_000_000_000).unwrap_err();
@@ -753,7 +822,10 @@ mod tests {
             let e = patch_key(&obj(&format!(r#"{{"{m}":"x"}}"#))).unwrap_err();
             assert_eq!(field(e).as_deref(), Some(m));
         }
-        assert_eq!(field(patch_key(&obj(r#"{"status":"deleted"}"#)).unwrap_err()).as_deref(), Some("status"));
+        assert_eq!(
+            field(patch_key(&obj(r#"{"status":"deleted"}"#)).unwrap_err()).as_deref(),
+            Some("status")
+        );
         let p = patch_key(&obj(r#"{"name":null,"plan":null,"scopes":null}"#)).unwrap();
         assert_eq!(p.name, Some(None));
         assert_eq!(p.plan, Some(None));
@@ -790,8 +862,22 @@ pub struct ImportKey {
 }
 
 const KEY_DOC_MEMBERS: &[&str] = &[
-    "id", "hash", "owner", "status", "expires_at", "allowed_ips", "sites", "scopes", "plan",
-    "rate_limits", "meta", "name", "description", "created_at", "updated_at", "last_used_at",
+    "id",
+    "hash",
+    "owner",
+    "status",
+    "expires_at",
+    "allowed_ips",
+    "sites",
+    "scopes",
+    "plan",
+    "rate_limits",
+    "meta",
+    "name",
+    "description",
+    "created_at",
+    "updated_at",
+    "last_used_at",
 ];
 
 /// Validates a §2 document for import: first with the filter's own parser (what a gateway

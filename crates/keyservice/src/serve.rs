@@ -208,7 +208,10 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
 
 /// Blocking entry point for the `keygate keyservice` command: 0 after a clean stop, 1 on error.
 pub fn run(args: ServeArgs) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("keygate keyservice: error: starting the runtime: {e}");

@@ -181,7 +181,10 @@ impl Store {
 
     /// `SELECT 1`.
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
     }
 
     /// The document generation (bumped by each change to the document).
@@ -210,10 +213,12 @@ impl Store {
     /// Commits, bumping the generation first when the document changed.
     pub async fn commit(&self, mut t: Tx) -> Result<(), ApiError> {
         if t.doc_changed {
-            sqlx::query("UPDATE meta SET generation = generation + 1, changed_at = $1 WHERE id = 1")
-                .bind(t.now)
-                .execute(&mut *t.tx)
-                .await?;
+            sqlx::query(
+                "UPDATE meta SET generation = generation + 1, changed_at = $1 WHERE id = 1",
+            )
+            .bind(t.now)
+            .execute(&mut *t.tx)
+            .await?;
         }
         let changed = t.doc_changed;
         t.tx.commit().await?;
@@ -230,14 +235,16 @@ impl Store {
         object: &str,
         detail: Value,
     ) -> Result<(), ApiError> {
-        sqlx::query("INSERT INTO audit (at, actor, action, object, detail) VALUES ($1, $2, $3, $4, $5)")
-            .bind(t.now)
-            .bind(actor)
-            .bind(action)
-            .bind(object)
-            .bind(detail.to_string())
-            .execute(&mut *t.tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO audit (at, actor, action, object, detail) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(t.now)
+        .bind(actor)
+        .bind(action)
+        .bind(object)
+        .bind(detail.to_string())
+        .execute(&mut *t.tx)
+        .await?;
         Ok(())
     }
 
@@ -314,6 +321,7 @@ impl Store {
     }
 
     /// A new key row with a fresh key; returns the row and the key.
+    #[allow(clippy::too_many_arguments)]
     fn new_key(
         id: String,
         owner: String,
@@ -345,7 +353,11 @@ impl Store {
     }
 
     /// `POST /v1/admin/keys`: the new record and the key (shown once).
-    pub async fn create_key(&self, actor: Actor<'_>, c: CreateKey) -> Result<(KeyRow, String), ApiError> {
+    pub async fn create_key(
+        &self,
+        actor: Actor<'_>,
+        c: CreateKey,
+    ) -> Result<(KeyRow, String), ApiError> {
         let mut t = self.begin().await?;
         if let Some(p) = &c.settings.plan {
             if !Self::plan_exists(&mut t, p).await? {
@@ -363,13 +375,34 @@ impl Store {
         };
         let owner_created = Self::ensure_owner(&mut t, &c.owner, "active").await?;
         let (row, key) = Self::new_key(
-            id, c.owner, &c.prefix, c.encoding, c.bytes, c.settings, c.expires_at, t.now,
+            id,
+            c.owner,
+            &c.prefix,
+            c.encoding,
+            c.bytes,
+            c.settings,
+            c.expires_at,
+            t.now,
         )?;
         Self::insert_key(&mut t, &row, true).await?;
         if owner_created {
-            Self::audit(&mut t, actor, "owner.create", &format!("owner:{}", row.owner), json!({"status": "active"})).await?;
+            Self::audit(
+                &mut t,
+                actor,
+                "owner.create",
+                &format!("owner:{}", row.owner),
+                json!({"status": "active"}),
+            )
+            .await?;
         }
-        Self::audit(&mut t, actor, "key.create", &format!("key:{}", row.id), settings_detail(&row)).await?;
+        Self::audit(
+            &mut t,
+            actor,
+            "key.create",
+            &format!("key:{}", row.id),
+            settings_detail(&row),
+        )
+        .await?;
         t.doc_changed = true;
         self.commit(t).await?;
         Ok((row, key))
@@ -425,14 +458,21 @@ impl Store {
     }
 
     /// `PATCH /v1/admin/keys/{id}`.
-    pub async fn patch_key(&self, actor: Actor<'_>, id: &str, p: PatchKey) -> Result<KeyRow, ApiError> {
+    pub async fn patch_key(
+        &self,
+        actor: Actor<'_>,
+        id: &str,
+        p: PatchKey,
+    ) -> Result<KeyRow, ApiError> {
         let mut t = self.begin().await?;
         let Some(mut k) = Self::key_in(&mut t, id).await? else {
             return Err(ApiError::NotFound(format!("no key {id:?}")));
         };
         if let Some(s) = &p.status {
             if k.status == "revoked" && s != "revoked" {
-                return Err(ApiError::Conflict(format!("key {id:?} is revoked; revocation is final")));
+                return Err(ApiError::Conflict(format!(
+                    "key {id:?} is revoked; revocation is final"
+                )));
             }
         }
         if let Some(Some(plan)) = &p.plan {
@@ -506,14 +546,26 @@ impl Store {
         } else {
             "key.update"
         };
-        Self::audit(&mut t, actor, action, &format!("key:{id}"), diff(&before, &k)).await?;
+        Self::audit(
+            &mut t,
+            actor,
+            action,
+            &format!("key:{id}"),
+            diff(&before, &k),
+        )
+        .await?;
         t.doc_changed = doc_changed;
         self.commit(t).await?;
         Ok(k)
     }
 
     /// `POST /v1/admin/keys/{id}/rotate`: the new record and key.
-    pub async fn rotate(&self, actor: Actor<'_>, id: &str, r: Rotate) -> Result<(KeyRow, String), ApiError> {
+    pub async fn rotate(
+        &self,
+        actor: Actor<'_>,
+        id: &str,
+        r: Rotate,
+    ) -> Result<(KeyRow, String), ApiError> {
         let mut t = self.begin().await?;
         let Some(old) = Self::key_in(&mut t, id).await? else {
             return Err(ApiError::NotFound(format!("no key {id:?}")));
@@ -521,7 +573,10 @@ impl Store {
         if old.status == "revoked" {
             return Err(ApiError::Conflict(format!("key {id:?} is revoked")));
         }
-        let prefix = old.prefix.clone().unwrap_or_else(|| model::DEFAULT_PREFIX.into());
+        let prefix = old
+            .prefix
+            .clone()
+            .unwrap_or_else(|| model::DEFAULT_PREFIX.into());
         let encoding = old
             .encoding
             .as_deref()
@@ -533,7 +588,14 @@ impl Store {
             .unwrap_or(model::DEFAULT_BYTES);
         let new_id = util::generate_id().map_err(ApiError::Internal)?;
         let (row, key) = Self::new_key(
-            new_id, old.owner.clone(), &prefix, encoding, bytes, old.settings.clone(), r.expires_at, t.now,
+            new_id,
+            old.owner.clone(),
+            &prefix,
+            encoding,
+            bytes,
+            old.settings.clone(),
+            r.expires_at,
+            t.now,
         )?;
         Self::insert_key(&mut t, &row, true).await?;
         let until = t.now.saturating_add(r.overlap_s);
@@ -579,7 +641,11 @@ impl Store {
         let limits: Option<String> = r.try_get("rate_limits")?;
         Ok(Named {
             id: r.try_get("id")?,
-            status: if with_status { Some(r.try_get("status")?) } else { None },
+            status: if with_status {
+                Some(r.try_get("status")?)
+            } else {
+                None
+            },
             rate_limits: model::limits_from_text(limits.as_deref()),
             created_at: r.try_get("created_at")?,
             updated_at: r.try_get("updated_at")?,
@@ -588,53 +654,79 @@ impl Store {
 
     /// An owner.
     pub async fn get_owner(&self, id: &str) -> Result<Option<Named>, ApiError> {
-        let r = sqlx::query("SELECT id, status, rate_limits, created_at, updated_at FROM owners WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let r = sqlx::query(
+            "SELECT id, status, rate_limits, created_at, updated_at FROM owners WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(r.as_ref().map(|r| Self::named(r, true)).transpose()?)
     }
 
     /// Every owner, in id order.
     pub async fn list_owners(&self) -> Result<Vec<Named>, ApiError> {
-        let rows = sqlx::query("SELECT id, status, rate_limits, created_at, updated_at FROM owners ORDER BY id")
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.iter().map(|r| Self::named(r, true)).collect::<Result<_, _>>()?)
+        let rows = sqlx::query(
+            "SELECT id, status, rate_limits, created_at, updated_at FROM owners ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Self::named(r, true))
+            .collect::<Result<_, _>>()?)
     }
 
     /// A plan.
     pub async fn get_plan(&self, id: &str) -> Result<Option<Named>, ApiError> {
-        let r = sqlx::query("SELECT id, rate_limits, created_at, updated_at FROM plans WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let r =
+            sqlx::query("SELECT id, rate_limits, created_at, updated_at FROM plans WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(r.as_ref().map(|r| Self::named(r, false)).transpose()?)
     }
 
     /// Every plan, in id order.
     pub async fn list_plans(&self) -> Result<Vec<Named>, ApiError> {
-        let rows = sqlx::query("SELECT id, rate_limits, created_at, updated_at FROM plans ORDER BY id")
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.iter().map(|r| Self::named(r, false)).collect::<Result<_, _>>()?)
+        let rows =
+            sqlx::query("SELECT id, rate_limits, created_at, updated_at FROM plans ORDER BY id")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Self::named(r, false))
+            .collect::<Result<_, _>>()?)
     }
 
     /// `PUT /v1/admin/owners/{id}`: whether it was created, and the stored owner.
-    pub async fn put_owner(&self, actor: Actor<'_>, id: &str, o: Owner) -> Result<(bool, Named), ApiError> {
+    pub async fn put_owner(
+        &self,
+        actor: Actor<'_>,
+        id: &str,
+        o: Owner,
+    ) -> Result<(bool, Named), ApiError> {
         let mut t = self.begin().await?;
-        let existing = sqlx::query("SELECT id, status, rate_limits, created_at, updated_at FROM owners WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&mut *t.tx)
-            .await?;
-        let existing = existing.as_ref().map(|r| Self::named(r, true)).transpose()?;
+        let existing = sqlx::query(
+            "SELECT id, status, rate_limits, created_at, updated_at FROM owners WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&mut *t.tx)
+        .await?;
+        let existing = existing
+            .as_ref()
+            .map(|r| Self::named(r, true))
+            .transpose()?;
         let limits = model::limits_to_text(&o.rate_limits);
         let created = existing.is_none();
-        let same = existing
-            .as_ref()
-            .is_some_and(|e| e.status.as_deref() == Some(o.status.as_str()) && e.rate_limits == o.rate_limits);
+        let same = existing.as_ref().is_some_and(|e| {
+            e.status.as_deref() == Some(o.status.as_str()) && e.rate_limits == o.rate_limits
+        });
         let created_at = existing.as_ref().map_or(t.now, |e| e.created_at);
-        let updated_at = if same { existing.as_ref().map_or(t.now, |e| e.updated_at) } else { t.now };
+        let updated_at = if same {
+            existing.as_ref().map_or(t.now, |e| e.updated_at)
+        } else {
+            t.now
+        };
         if !same {
             sqlx::query(
                 "INSERT INTO owners (id, status, rate_limits, created_at, updated_at) VALUES ($1, $2, $3, $4, $4) \
@@ -646,27 +738,59 @@ impl Store {
             .bind(t.now)
             .execute(&mut *t.tx)
             .await?;
-            let action = if created { "owner.create" } else { "owner.update" };
-            Self::audit(&mut t, actor, action, &format!("owner:{id}"),
-                json!({"status": o.status, "rate_limits": o.rate_limits})).await?;
+            let action = if created {
+                "owner.create"
+            } else {
+                "owner.update"
+            };
+            Self::audit(
+                &mut t,
+                actor,
+                action,
+                &format!("owner:{id}"),
+                json!({"status": o.status, "rate_limits": o.rate_limits}),
+            )
+            .await?;
             t.doc_changed = true;
         }
         self.commit(t).await?;
-        Ok((created, Named { id: id.to_string(), status: Some(o.status), rate_limits: o.rate_limits, created_at, updated_at }))
+        Ok((
+            created,
+            Named {
+                id: id.to_string(),
+                status: Some(o.status),
+                rate_limits: o.rate_limits,
+                created_at,
+                updated_at,
+            },
+        ))
     }
 
     /// `PUT /v1/admin/plans/{id}`.
-    pub async fn put_plan(&self, actor: Actor<'_>, id: &str, limits: Option<Vec<RateLimit>>) -> Result<(bool, Named), ApiError> {
+    pub async fn put_plan(
+        &self,
+        actor: Actor<'_>,
+        id: &str,
+        limits: Option<Vec<RateLimit>>,
+    ) -> Result<(bool, Named), ApiError> {
         let mut t = self.begin().await?;
-        let existing = sqlx::query("SELECT id, rate_limits, created_at, updated_at FROM plans WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&mut *t.tx)
-            .await?;
-        let existing = existing.as_ref().map(|r| Self::named(r, false)).transpose()?;
+        let existing =
+            sqlx::query("SELECT id, rate_limits, created_at, updated_at FROM plans WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&mut *t.tx)
+                .await?;
+        let existing = existing
+            .as_ref()
+            .map(|r| Self::named(r, false))
+            .transpose()?;
         let created = existing.is_none();
         let same = existing.as_ref().is_some_and(|e| e.rate_limits == limits);
         let created_at = existing.as_ref().map_or(t.now, |e| e.created_at);
-        let updated_at = if same { existing.as_ref().map_or(t.now, |e| e.updated_at) } else { t.now };
+        let updated_at = if same {
+            existing.as_ref().map_or(t.now, |e| e.updated_at)
+        } else {
+            t.now
+        };
         if !same {
             sqlx::query(
                 "INSERT INTO plans (id, rate_limits, created_at, updated_at) VALUES ($1, $2, $3, $3) \
@@ -677,17 +801,42 @@ impl Store {
             .bind(t.now)
             .execute(&mut *t.tx)
             .await?;
-            let action = if created { "plan.create" } else { "plan.update" };
-            Self::audit(&mut t, actor, action, &format!("plan:{id}"), json!({"rate_limits": limits})).await?;
+            let action = if created {
+                "plan.create"
+            } else {
+                "plan.update"
+            };
+            Self::audit(
+                &mut t,
+                actor,
+                action,
+                &format!("plan:{id}"),
+                json!({"rate_limits": limits}),
+            )
+            .await?;
             t.doc_changed = true;
         }
         self.commit(t).await?;
-        Ok((created, Named { id: id.to_string(), status: None, rate_limits: limits, created_at, updated_at }))
+        Ok((
+            created,
+            Named {
+                id: id.to_string(),
+                status: None,
+                rate_limits: limits,
+                created_at,
+                updated_at,
+            },
+        ))
     }
 
     /// `DELETE /v1/admin/owners/{id}` or `/plans/{id}`: 404 when missing, 409 while a key that
     /// is not deleted refers to it.
-    pub async fn delete_named(&self, actor: Actor<'_>, what: Named2, id: &str) -> Result<(), ApiError> {
+    pub async fn delete_named(
+        &self,
+        actor: Actor<'_>,
+        what: Named2,
+        id: &str,
+    ) -> Result<(), ApiError> {
         let (table, col, noun) = match what {
             Named2::Owner => ("owners", "owner", "owner"),
             Named2::Plan => ("plans", "plan", "plan"),
@@ -708,20 +857,33 @@ impl Store {
         .await?;
         if let Some(r) = using {
             let key: String = r.try_get(0)?;
-            return Err(ApiError::Conflict(format!("{noun} {id:?} is still used by key {key:?}")));
+            return Err(ApiError::Conflict(format!(
+                "{noun} {id:?} is still used by key {key:?}"
+            )));
         }
         sqlx::query(&format!("DELETE FROM {table} WHERE id = $1"))
             .bind(id)
             .execute(&mut *t.tx)
             .await?;
-        Self::audit(&mut t, actor, &format!("{noun}.delete"), &format!("{noun}:{id}"), json!({})).await?;
+        Self::audit(
+            &mut t,
+            actor,
+            &format!("{noun}.delete"),
+            &format!("{noun}:{id}"),
+            json!({}),
+        )
+        .await?;
         t.doc_changed = true;
         self.commit(t).await
     }
 
     /// Applies a usage report: per-day counts on `day` and `last_used_at` (the later one wins).
     /// Returns (reports applied, reports naming no known key). Never touches the document.
-    pub async fn apply_usage(&self, day: &str, reports: &[UsageReport]) -> Result<(usize, usize), ApiError> {
+    pub async fn apply_usage(
+        &self,
+        day: &str,
+        reports: &[UsageReport],
+    ) -> Result<(usize, usize), ApiError> {
         let _guard = self.lock.clone().lock_owned().await;
         let mut tx = self.pool.begin().await?;
         let (mut applied, mut unknown) = (0, 0);
@@ -777,7 +939,12 @@ impl Store {
             let day: String = r.try_get(0)?;
             let class: String = r.try_get(1)?;
             let n: i64 = r.try_get(2)?;
-            if out.last().and_then(|l| l.get("day")).and_then(Value::as_str) != Some(day.as_str()) {
+            if out
+                .last()
+                .and_then(|l| l.get("day"))
+                .and_then(Value::as_str)
+                != Some(day.as_str())
+            {
                 out.push(json!({"day": day, "allowed": 0, "refused": {}}));
             }
             let Some(entry) = out.last_mut().and_then(Value::as_object_mut) else {
@@ -836,7 +1003,14 @@ impl Store {
             .execute(&mut *t.tx)
             .await?;
         if unlisted > 0 {
-            Self::audit(&mut t, "keyservice", "key.unlist", "keys", json!({"count": unlisted, "retention_s": retention_s})).await?;
+            Self::audit(
+                &mut t,
+                "keyservice",
+                "key.unlist",
+                "keys",
+                json!({"count": unlisted, "retention_s": retention_s}),
+            )
+            .await?;
             t.doc_changed = true;
         }
         self.commit(t).await?;
@@ -844,7 +1018,11 @@ impl Store {
     }
 
     /// Brings a validated §2 document into the database (see `import::Import`).
-    pub async fn import(&self, actor: Actor<'_>, doc: crate::model::Import) -> Result<Value, ApiError> {
+    pub async fn import(
+        &self,
+        actor: Actor<'_>,
+        doc: crate::model::Import,
+    ) -> Result<Value, ApiError> {
         let mut t = self.begin().await?;
         let (mut created, mut updated) = (0u64, 0u64);
         for (id, o) in &doc.owners {
@@ -891,7 +1069,10 @@ impl Store {
                         )));
                     }
                     if status == "revoked" && k.status != "revoked" {
-                        return Err(ApiError::Conflict(format!("keys[{i}]: key {:?} is revoked; revocation is final", k.id)));
+                        return Err(ApiError::Conflict(format!(
+                            "keys[{i}]: key {:?} is revoked; revocation is final",
+                            k.id
+                        )));
                     }
                     let s = &k.settings;
                     sqlx::query(
@@ -974,7 +1155,16 @@ fn settings_detail(k: &KeyRow) -> Value {
 fn diff(a: &KeyRow, b: &KeyRow) -> Value {
     let (ra, rb) = (a.record(), b.record());
     let mut out = serde_json::Map::new();
-    for m in ["name", "description", "scopes", "sites", "allowed_ips", "plan", "rate_limits", "status"] {
+    for m in [
+        "name",
+        "description",
+        "scopes",
+        "sites",
+        "allowed_ips",
+        "plan",
+        "rate_limits",
+        "status",
+    ] {
         if ra.get(m) != rb.get(m) {
             out.insert(m.into(), json!({"from": ra.get(m), "to": rb.get(m)}));
         }

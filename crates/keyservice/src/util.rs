@@ -35,7 +35,7 @@ pub fn hex(bytes: &[u8]) -> String {
 /// Decodes lowercase or uppercase hex.
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
     let b = s.as_bytes();
-    if b.len() % 2 != 0 {
+    if !b.len().is_multiple_of(2) {
         return None;
     }
     b.chunks_exact(2)
@@ -55,7 +55,8 @@ pub fn sha256_hex(data: &[u8]) -> String {
 /// `n` bytes from the operating system's CSPRNG.
 pub fn random_bytes(n: usize) -> Result<Vec<u8>, String> {
     let mut buf = vec![0u8; n];
-    getrandom::getrandom(&mut buf).map_err(|e| format!("reading the OS random number generator: {e}"))?;
+    getrandom::getrandom(&mut buf)
+        .map_err(|e| format!("reading the OS random number generator: {e}"))?;
     Ok(buf)
 }
 
@@ -112,7 +113,10 @@ mod tests {
 
     #[test]
     fn base62_width_is_fixed() {
-        assert_eq!(base62_fixed(&[0; 24]).len(), base62_fixed(&[0xff; 24]).len());
+        assert_eq!(
+            base62_fixed(&[0; 24]).len(),
+            base62_fixed(&[0xff; 24]).len()
+        );
         assert_eq!(base62_fixed(&[0, 61]), "00z");
     }
 
@@ -121,7 +125,9 @@ mod tests {
         let k = generate_key("minds_", 24, true).unwrap();
         assert!(k.starts_with("minds_"));
         assert_eq!(k.len(), 6 + 48);
-        assert!(k[6..].bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert!(k[6..]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
         let a = generate_key("mn-abc123-", 24, false).unwrap();
         let b = generate_key("mn-abc123-", 24, false).unwrap();
         assert_ne!(a, b);

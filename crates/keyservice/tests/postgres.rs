@@ -38,17 +38,33 @@ fn pg_two_replicas_serve_the_same_document_within_1s() {
         let id = rec["id"].as_str().unwrap().to_string();
         let t = Instant::now();
         let (eb, _) = b.wait_document(Duration::from_secs(1), |d| {
-            d["keys"].as_array().unwrap().iter().any(|k| k["id"] == id.as_str())
+            d["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|k| k["id"] == id.as_str())
         });
         eprintln!("replica b served the new key after {:?}", t.elapsed());
         let (ea, _) = a.wait_document(Duration::from_secs(1), |d| {
-            d["keys"].as_array().unwrap().iter().any(|k| k["id"] == id.as_str())
+            d["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|k| k["id"] == id.as_str())
         });
         assert_eq!(ea, eb, "replicas disagree");
         // A change through b shows in a.
-        b.send("PATCH", &format!("/v1/admin/keys/{id}"), &json!({"status": "disabled"}));
+        b.send(
+            "PATCH",
+            &format!("/v1/admin/keys/{id}"),
+            &json!({"status": "disabled"}),
+        );
         a.wait_document(Duration::from_secs(1), |d| {
-            d["keys"].as_array().unwrap().iter().any(|k| k["id"] == id.as_str() && k["status"] == "disabled")
+            d["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|k| k["id"] == id.as_str() && k["status"] == "disabled")
         });
     }
     let (ea, ba) = a.document();
@@ -86,7 +102,11 @@ fn pg_healthz_is_honest_when_the_database_stops() {
             r.error(503, "unavailable");
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "healthz still {} after the database stopped", r.status);
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "healthz still {} after the database stopped",
+            r.status
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     // The last good document is still served.

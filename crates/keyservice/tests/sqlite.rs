@@ -71,7 +71,9 @@ fn restart_keeps_keys_and_etag() {
     let s = Server::start(&db);
     let (rec, key) = s.create(json!({"owner": "o"}));
     let id = rec["id"].as_str().unwrap().to_string();
-    let (etag, _) = s.wait_document(std::time::Duration::from_secs(1), |d| d["keys"][0]["id"] == id.as_str());
+    let (etag, _) = s.wait_document(std::time::Duration::from_secs(1), |d| {
+        d["keys"][0]["id"] == id.as_str()
+    });
     s.stop();
     let s = Server::start(&db);
     assert_eq!(s.document().0, etag);

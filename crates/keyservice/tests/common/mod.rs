@@ -79,22 +79,40 @@ impl Server {
 
     fn shutdown(&mut self) {
         if let (Some(rt), Some(r)) = (self.rt.take(), self.running.take()) {
-            let _ = rt.block_on(async {
-                tokio::time::timeout(Duration::from_secs(10), r.stop()).await
-            });
+            let _ = rt
+                .block_on(async { tokio::time::timeout(Duration::from_secs(10), r.stop()).await });
             rt.shutdown_timeout(Duration::from_secs(5));
         }
     }
 
     pub fn get(&self, path: &str) -> Resp {
-        http("GET", &format!("{}{path}", self.url), Some(ADMIN), None, &[])
+        http(
+            "GET",
+            &format!("{}{path}", self.url),
+            Some(ADMIN),
+            None,
+            &[],
+        )
     }
 
     pub fn send(&self, method: &str, path: &str, body: &Value) -> Resp {
-        http(method, &format!("{}{path}", self.url), Some(ADMIN), Some(&body.to_string()), &[])
+        http(
+            method,
+            &format!("{}{path}", self.url),
+            Some(ADMIN),
+            Some(&body.to_string()),
+            &[],
+        )
     }
 
-    pub fn raw(&self, method: &str, path: &str, token: Option<&str>, body: Option<&str>, headers: &[(&str, &str)]) -> Resp {
+    pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Resp {
         http(method, &format!("{}{path}", self.url), token, body, headers)
     }
 
@@ -123,7 +141,10 @@ impl Server {
             if f(&v) {
                 return (etag, v);
             }
-            assert!(start.elapsed() < within, "document did not change within {within:?}: {v}");
+            assert!(
+                start.elapsed() < within,
+                "document did not change within {within:?}: {v}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -146,7 +167,8 @@ pub struct Resp {
 
 impl Resp {
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.bytes).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+        serde_json::from_slice(&self.bytes)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
 
     pub fn header(&self, name: &str) -> Option<String> {
@@ -161,13 +183,27 @@ impl Resp {
         assert_eq!(self.status, status, "{}", self.body);
         let v = self.json();
         assert_eq!(v["error"]["code"], code, "{}", self.body);
-        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{}", self.body);
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{}",
+            self.body
+        );
         v["error"]["field"].as_str().map(str::to_string)
     }
 }
 
-pub fn http(method: &str, url: &str, token: Option<&str>, body: Option<&str>, headers: &[(&str, &str)]) -> Resp {
-    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(30)).build();
+pub fn http(
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Resp {
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(30))
+        .build();
     let mut req = agent.request(method, url);
     if let Some(t) = token {
         req = req.set("authorization", &format!("Bearer {t}"));
@@ -193,7 +229,12 @@ pub fn http(method: &str, url: &str, token: Option<&str>, body: Option<&str>, he
     let mut bytes = Vec::new();
     std::io::Read::read_to_end(&mut resp.into_reader(), &mut bytes).unwrap();
     let body = String::from_utf8_lossy(&bytes).into_owned();
-    Resp { status, headers, bytes, body }
+    Resp {
+        status,
+        headers,
+        bytes,
+        body,
+    }
 }
 
 pub fn sha256_hex(s: &str) -> String {
@@ -231,7 +272,10 @@ fn is_root() -> bool {
 fn find_pg_bin() -> Option<PathBuf> {
     let mut candidates: Vec<PathBuf> = Vec::new();
     if let Ok(dirs) = std::fs::read_dir("/usr/lib/postgresql") {
-        let mut v: Vec<PathBuf> = dirs.filter_map(|d| d.ok()).map(|d| d.path().join("bin")).collect();
+        let mut v: Vec<PathBuf> = dirs
+            .filter_map(|d| d.ok())
+            .map(|d| d.path().join("bin"))
+            .collect();
         v.sort();
         v.reverse();
         candidates.extend(v);
@@ -257,12 +301,35 @@ impl Pg {
         let dir = tempfile::tempdir().unwrap();
         let as_postgres = is_root();
         if as_postgres {
-            let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()).status().unwrap();
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .unwrap();
             assert!(ok.success(), "chown postgres");
         }
         let data = dir.path().join("data");
-        let mut pg = Pg { url: String::new(), bin, data, as_postgres, _dir: dir };
-        pg.run("initdb", &["-D", path(&pg.data), "-U", "postgres", "--auth=trust", "--locale=C", "-E", "UTF8", "--no-sync"]);
+        let mut pg = Pg {
+            url: String::new(),
+            bin,
+            data,
+            as_postgres,
+            _dir: dir,
+        };
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                path(&pg.data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--locale=C",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        );
         let port = free_port();
         let sock = pg._dir.path().to_path_buf();
         let opts = format!(
@@ -270,7 +337,21 @@ impl Pg {
             sock.display()
         );
         let log = pg._dir.path().join("log");
-        pg.run("pg_ctl", &["-D", path(&pg.data), "-o", &opts, "-l", path(&log), "-w", "-t", "60", "start"]);
+        pg.run(
+            "pg_ctl",
+            &[
+                "-D",
+                path(&pg.data),
+                "-o",
+                &opts,
+                "-l",
+                path(&log),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        );
         pg.url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
         Some(pg)
     }
@@ -295,12 +376,30 @@ impl Pg {
 
     /// A fresh database on this server.
     pub fn database(&self, name: &str) -> String {
-        self.run("createdb", &["-h", "127.0.0.1", "-p", &self.port(), "-U", "postgres", name]);
+        self.run(
+            "createdb",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port(),
+                "-U",
+                "postgres",
+                name,
+            ],
+        );
         format!("postgres://postgres@127.0.0.1:{}/{name}", self.port())
     }
 
     fn port(&self) -> String {
-        self.url.rsplit(':').next().unwrap().split('/').next().unwrap().to_string()
+        self.url
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string()
     }
 }
 
@@ -325,5 +424,9 @@ impl Drop for Pg {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
