@@ -101,6 +101,7 @@ impl SettingArgs {
 pub enum KeysCommand {
     /// Issue a key; prints it once.
     Create {
+        /// Service URL, admin token, output format.
         #[command(flatten)]
         client: ClientArgs,
         /// Owner (created, active, when new).
@@ -121,17 +122,22 @@ pub enum KeysCommand {
         /// Key id (default: generated).
         #[arg(long)]
         id: Option<String>,
+        /// Key settings.
         #[command(flatten)]
         settings: SettingArgs,
     },
     /// List keys (all pages unless --limit).
     List {
+        /// Service URL, admin token, output format.
         #[command(flatten)]
         client: ClientArgs,
+        /// Only keys of this owner.
         #[arg(long)]
         owner: Option<String>,
+        /// Only keys with this status (active, disabled, revoked).
         #[arg(long)]
         status: Option<String>,
+        /// Only keys on this plan.
         #[arg(long)]
         plan: Option<String>,
         /// One page of at most this many keys (1-1000).
@@ -143,20 +149,26 @@ pub enum KeysCommand {
     },
     /// Show one key's record and per-day usage.
     Show {
+        /// Service URL, admin token, output format.
         #[command(flatten)]
         client: ClientArgs,
+        /// Key id.
         id: String,
     },
     /// Find the key read from standard input (one line): what support needs for a leaked key.
     Lookup {
+        /// Service URL, admin token, output format.
         #[command(flatten)]
         client: ClientArgs,
     },
     /// Change a key's settings.
     Update {
+        /// Service URL, admin token, output format.
         #[command(flatten)]
         client: ClientArgs,
+        /// Key id.
         id: String,
+        /// Key settings.
         #[command(flatten)]
         settings: SettingArgs,
         /// Clear the name.
@@ -183,27 +195,36 @@ pub enum KeysCommand {
     },
     /// Disable a key (it can be enabled again).
     Disable {
+        /// Service URL, admin token, output format.
         #[command(flatten)]
         client: ClientArgs,
+        /// Key id.
         id: String,
     },
     /// Enable a disabled key.
     Enable {
+        /// Service URL, admin token, output format.
         #[command(flatten)]
         client: ClientArgs,
+        /// Key id.
         id: String,
     },
     /// Revoke a key, for good.
     Revoke {
+        /// Service URL, admin token, output format.
         #[command(flatten)]
         client: ClientArgs,
+        /// Key id.
         id: String,
     },
     /// Issue a replacement key; the old one expires after --overlap-s seconds.
     Rotate {
+        /// Service URL, admin token, output format.
         #[command(flatten)]
         client: ClientArgs,
+        /// Key id.
         id: String,
+        /// Seconds the old key keeps working (it expires then, or at its own expiry if sooner).
         #[arg(long, default_value_t = 0)]
         overlap_s: u64,
         /// Expiry of the new key, RFC 3339.
@@ -212,12 +233,15 @@ pub enum KeysCommand {
     },
     /// Delete a key (it leaves the document at once).
     Delete {
+        /// Service URL, admin token, output format.
         #[command(flatten)]
         client: ClientArgs,
+        /// Key id.
         id: String,
     },
     /// Bring a key-list document (SPEC §2) into the service without re-issuing keys.
     Import {
+        /// Service URL, admin token, output format.
         #[command(flatten)]
         client: ClientArgs,
         /// The document (`-`: standard input).
@@ -225,6 +249,7 @@ pub enum KeysCommand {
     },
     /// Write every key as a key-list document (SPEC §2) with metadata.
     Export {
+        /// Service URL, admin token, output format.
         #[command(flatten)]
         client: ClientArgs,
         /// Write here instead of standard output.

@@ -7,6 +7,7 @@
 //! Everything here is native code: none of it is in the wasm module.
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 #![deny(
     clippy::unwrap_used,
     clippy::expect_used,

@@ -45,6 +45,7 @@ pub struct ServeArgs {
 
 /// A started service: its address; `stop` shuts it down.
 pub struct Running {
+    /// The bound address (the real port when `--listen` asked for port 0).
     pub addr: SocketAddr,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
