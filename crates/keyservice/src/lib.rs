@@ -6,23 +6,7 @@
 //!
 //! Everything here is native code: none of it is in the wasm module.
 
-#![forbid(unsafe_code)]
 #![warn(missing_docs)]
-#![deny(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
-#![cfg_attr(
-    test,
-    allow(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::panic,
-        clippy::indexing_slicing
-    )
-)]
 
 mod api;
 mod client;

@@ -1,4 +1,10 @@
 //! `keygate keys …` against a real service (SQLite) through its admin API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)] // test code
 
 mod common;
 use clap::Parser;

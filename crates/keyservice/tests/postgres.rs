@@ -1,6 +1,12 @@
 //! The key service on a real PostgreSQL server started on 127.0.0.1 in a temporary directory
 //! (as the `postgres` user when run as root). Without PostgreSQL these tests fail, unless
 //! `KEYGATE_SKIP_PG=1`.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)] // test code
 
 mod common;
 use common::*;

@@ -1,4 +1,10 @@
 //! Rough scale figures (ignored by default): `cargo test --release --test scale -- --ignored --nocapture`.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)] // test code
 
 mod common;
 use common::*;

@@ -1,4 +1,10 @@
 //! The key service on a real SQLite file, through real HTTP on 127.0.0.1.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)] // test code
 
 mod common;
 use common::*;
