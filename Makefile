@@ -90,8 +90,10 @@ wasm: rust-deps
 	$(CARGO) build --release --target $(WASM_TARGET)
 	@test -f $(WASM) || { echo "expected $(WASM) after the build" >&2; exit 1; }
 
+# The release profile is the wasm module's (fat LTO, one codegen unit); the native CLI (tokio,
+# axum, sqlx) does not need it and would take many minutes to link that way.
 cli:
-	$(CARGO) build --release -p keygate-cli
+	CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 $(CARGO) build --release -p keygate-cli
 
 # Diagnostic build, not for production: logs the wall time of each step of a request every
 # 20,000 requests (crates/filter/src/phases.rs). Written to target/timing/, apart from the real module.
