@@ -70,7 +70,7 @@ pub enum Command {
     #[command(after_help = EXIT_CODES)]
     Hash(hash::HashArgs),
     /// Decide one request offline, with the filter's own decision code, and say which rule decided.
-    #[command(after_help = testcmd::AFTER_HELP)]
+    #[command(after_help = testcmd::AFTER_HELP, args_override_self = true)]
     Test(Box<testcmd::TestArgs>),
     /// Validate a plugin configuration (JSON, Envoy bootstrap YAML/JSON, or Istio WasmPlugin) and warn about hazards.
     #[command(name = "check-config", after_help = EXIT_CODES)]
