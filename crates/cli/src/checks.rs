@@ -382,6 +382,53 @@ fn core_error(doc: &Json) -> Option<String> {
     keygate_core::keylist::parse(&bytes).err()
 }
 
+/// Adds `issue` unless the same one (positions aside) is there already.
+fn push_unique(out: &mut Vec<Issue>, issue: Issue) {
+    let same = |i: &Issue| {
+        i.path == issue.path && without_position(&i.message) == without_position(&issue.message)
+    };
+    if !out.iter().any(same) {
+        out.push(issue);
+    }
+}
+
+/// The errors of each member of one key checked alone (the required members replaced by valid
+/// placeholders, except the one checked). Empty when the key is not an object.
+fn per_member_errors(head: &[(String, Json)], key: &Json) -> Vec<String> {
+    let Json::Object(members) = key else {
+        return Vec::new();
+    };
+    let placeholders = [
+        ("id", Json::str("keygate-check")),
+        ("hash", Json::String("0".repeat(64))),
+        ("owner", Json::str("keygate-check")),
+    ];
+    let mut out = Vec::new();
+    // A missing required member shows only without placeholders.
+    let required: Vec<(String, Json)> = members
+        .iter()
+        .filter(|(k, _)| placeholders.iter().any(|(p, _)| p == k))
+        .cloned()
+        .collect();
+    if let Some(e) = core_error(&doc_with(head, vec![Json::Object(required)])) {
+        out.push(e);
+    }
+    for (name, value) in members {
+        let mut alone: Vec<(String, Json)> = placeholders
+            .iter()
+            .filter(|(p, _)| p != name)
+            .map(|(p, v)| (p.to_string(), v.clone()))
+            .collect();
+        alone.push((name.clone(), value.clone()));
+        if let Some(e) = core_error(&doc_with(head, vec![Json::Object(alone)])) {
+            if !out.contains(&e) {
+                out.push(e);
+            }
+        }
+    }
+    out
+}
+
 /// Every error of an invalid key list: the parser's own first error, then each key checked
 /// on its own (against the document's owners and plans) and ids and hashes across keys.
 pub fn every_keylist_error(data: &[u8], first: &str) -> Vec<Issue> {
@@ -418,9 +465,7 @@ pub fn every_keylist_error(data: &[u8], first: &str) -> Vec<Issue> {
             }
             Some(e) => {
                 let issue = Issue::from_core(&without_position(&e));
-                if !out.contains(&issue) {
-                    out.push(issue);
-                }
+                push_unique(&mut out, issue);
             }
         }
     }
@@ -432,23 +477,27 @@ pub fn every_keylist_error(data: &[u8], first: &str) -> Vec<Issue> {
             break;
         }
         if let Some(e) = core_error(&doc_with(&head, vec![key.clone()])) {
-            let e = without_position(&e);
-            let e = match e.strip_prefix("keys[0]") {
-                Some(rest) => format!("keys[{i}]{rest}"),
-                None => e,
-            };
-            let issue = Issue::from_core(&e);
-            if !out.contains(&issue) {
-                out.push(issue);
+            // The parser stops at a key's first error: check each member on its own too,
+            // beside placeholders for the required ones.
+            let mut found = per_member_errors(&head, key);
+            if found.is_empty() {
+                found.push(e);
+            }
+            for e in found {
+                let e = without_position(&e);
+                let e = match e.strip_prefix("keys[0]") {
+                    Some(rest) => format!("keys[{i}]{rest}"),
+                    None => e,
+                };
+                let issue = Issue::from_core(&e);
+                push_unique(&mut out, issue);
             }
         }
         let id = key.get("id").and_then(Json::as_str);
         if let Some(id) = id {
             if ids.insert(id, i).is_some() {
                 let issue = Issue::new(format!("keys[{i}].id"), format!("duplicate id {id:?}"));
-                if !out.contains(&issue) {
-                    out.push(issue);
-                }
+                push_unique(&mut out, issue);
             }
         }
         if let Some(h) = key.get("hash").and_then(Json::as_str) {
@@ -457,9 +506,7 @@ pub fn every_keylist_error(data: &[u8], first: &str) -> Vec<Issue> {
                     format!("keys[{i}].hash"),
                     format!("duplicate hash (key {:?})", id.unwrap_or("")),
                 );
-                if !out.contains(&issue) {
-                    out.push(issue);
-                }
+                push_unique(&mut out, issue);
             }
         }
     }
