@@ -27,8 +27,8 @@ const SOON_S: i64 = 7 * 86_400;
 /// At most this many errors are listed for one key list.
 const MAX_ERRORS: usize = 1000;
 
-#[derive(Args, Debug)]
-#[command(long_about = "\
+/// The long help of the subcommand.
+pub const CHECK_CONFIG_LONG_ABOUT: &str = "\
 Validate a plugin configuration exactly as the filter does; print \"ok\", or the error naming
 the bad field by its JSON path. FILE may be the configuration as plain JSON, an Envoy bootstrap
 (YAML or JSON) whose keygate wasm filter carries it in `configuration` (a StringValue), or an
@@ -37,7 +37,9 @@ configuration in the file is checked. FILE - reads stdin.
 
 Warnings (on stderr; in --json under \"warnings\") name hazards the filter accepts:
 max_stale_s shorter than refresh_s + timeout_ms, unknown template placeholders, a route shadowed
-by an earlier one, an exempt rule covering every path, the same credential source twice.")]
+by an earlier one, an exempt rule covering every path, the same credential source twice.";
+
+#[derive(Args, Debug)]
 pub struct CheckConfigArgs {
     /// The configuration file (`-`: stdin).
     #[arg(value_name = "FILE")]
@@ -49,13 +51,15 @@ pub struct CheckConfigArgs {
     pub output: Output,
 }
 
-#[derive(Args, Debug)]
-#[command(long_about = "\
+/// The long help of the subcommand.
+pub const CHECK_KEYS_LONG_ABOUT: &str = "\
 Validate a key-list document exactly as the filter does and report every error found (each
 key is checked on its own, then ids and hashes across keys), each naming the bad field by its
 JSON path (keys[3].hash). A valid list prints \"ok: N keys (version V)\" and a summary: active,
 disabled, revoked, expired, expiring within 7 days, unusable because of their owner, and
-without limits. FILE - reads stdin.")]
+without limits. FILE - reads stdin.";
+
+#[derive(Args, Debug)]
 pub struct CheckKeysArgs {
     /// The key-list file (`-`: stdin).
     #[arg(value_name = "FILE")]

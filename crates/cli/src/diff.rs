@@ -26,12 +26,14 @@ const FIELDS: &[&str] = &[
     "description",
 ];
 
-#[derive(Args, Debug)]
-#[command(long_about = "\
+/// The long help of the subcommand.
+pub const DIFF_LONG_ABOUT: &str = "\
 List the keys added, removed and changed between two key-list documents (matched by id), with
 each changed member (owner, hash (the key was replaced), status, expires_at, plan, rate_limits,
 scopes, sites, allowed_ips, name, description), and the owners and plans added, removed or
-changed. Both documents are validated as the filter does. `-` reads one of them from stdin.")]
+changed. Both documents are validated as the filter does. `-` reads one of them from stdin.";
+
+#[derive(Args, Debug)]
 pub struct DiffArgs {
     /// The key list before.
     #[arg(value_name = "OLD")]

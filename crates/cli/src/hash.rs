@@ -5,13 +5,15 @@ use crate::{print_json, sha256_hex, Output};
 use clap::Args;
 use std::io::{self, BufRead, Write};
 
-#[derive(Args, Debug)]
-#[command(long_about = "\
+/// The long help of the subcommand.
+pub const HASH_LONG_ABOUT: &str = "\
 Print the lowercase hex SHA-256 of a key, as the key list's `hash` stores it.
 
 A key given on the command line lands in the shell history and in `ps`: prefer --key-file FILE
 (one key a line) or standard input (no KEY, or KEY `-`). The line ending (LF or CRLF) is not
-part of a key read from a file or stdin. Use `--` before a KEY that starts with '-'.")]
+part of a key read from a file or stdin. Use `--` before a KEY that starts with '-'.";
+
+#[derive(Args, Debug)]
 pub struct HashArgs {
     /// The key; without it (or with `-`), each line of stdin is hashed.
     #[arg(value_name = "KEY", conflicts_with = "key_file")]

@@ -64,25 +64,25 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Generate an API key and add its record (hash only) to a key-list file.
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = EXIT_CODES, long_about = newkey::NEW_LONG_ABOUT)]
     New(Box<newkey::NewArgs>),
     /// Print the lowercase hex SHA-256 of a key (as the key list stores it).
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = EXIT_CODES, long_about = hash::HASH_LONG_ABOUT)]
     Hash(hash::HashArgs),
     /// Decide one request offline, with the filter's own decision code, and say which rule decided.
-    #[command(after_help = testcmd::AFTER_HELP, args_override_self = true)]
+    #[command(after_help = testcmd::AFTER_HELP, args_override_self = true, long_about = testcmd::TEST_LONG_ABOUT)]
     Test(Box<testcmd::TestArgs>),
     /// Validate a plugin configuration (JSON, Envoy bootstrap YAML/JSON, or Istio WasmPlugin) and warn about hazards.
-    #[command(name = "check-config", after_help = EXIT_CODES)]
+    #[command(name = "check-config", after_help = EXIT_CODES, long_about = checks::CHECK_CONFIG_LONG_ABOUT)]
     CheckConfig(checks::CheckConfigArgs),
     /// Validate a key-list document, report every error found, and summarise its keys.
-    #[command(name = "check-keys", after_help = EXIT_CODES)]
+    #[command(name = "check-keys", after_help = EXIT_CODES, long_about = checks::CHECK_KEYS_LONG_ABOUT)]
     CheckKeys(checks::CheckKeysArgs),
     /// List the keys added, removed and changed between two key-list documents.
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = EXIT_CODES, long_about = diff::DIFF_LONG_ABOUT)]
     Diff(diff::DiffArgs),
     /// Serve a key-list file over HTTP/1.1 with a strong ETag and 304 Not Modified.
-    #[command(after_help = serve::AFTER_HELP)]
+    #[command(after_help = serve::AFTER_HELP, long_about = serve::SERVE_LONG_ABOUT)]
     Serve(serve::ServeArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish or powershell).
     #[command(after_help = EXIT_CODES)]

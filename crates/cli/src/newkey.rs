@@ -28,8 +28,8 @@ pub enum Encoding {
     Hex,
 }
 
-#[derive(Args, Debug)]
-#[command(long_about = "\
+/// The long help of the subcommand.
+pub const NEW_LONG_ABOUT: &str = "\
 Generate an API key, append its record (SHA-256 only, never the key) to the key-list FILE
 (created as {\"keys\":[]} when missing) and print the key once on stdout (with --json: one
 object with id, key, hash, owner and expiry).
@@ -39,7 +39,9 @@ lock that the operating system releases when the process ends, so concurrent run
 key and a killed run leaves no stale lock. Its other members keep their order; the output is
 pretty-printed JSON (2-space indent); its \"version\" is set to \"<now, RFC 3339>#<number of
 keys>\". The new document is validated like the filter does, and nothing is written if it is
-invalid.")]
+invalid.";
+
+#[derive(Args, Debug)]
 pub struct NewArgs {
     /// The key-list file to add the key to.
     #[arg(long, value_name = "FILE")]

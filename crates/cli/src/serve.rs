@@ -64,13 +64,15 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Args, Debug)]
-#[command(long_about = "\
+/// The long help of the subcommand.
+pub const SERVE_LONG_ABOUT: &str = "\
 Serve the key-list FILE over HTTP/1.1 with a strong ETag and 304 Not Modified. The file is
 re-read whenever it changes (in place or replaced by rename) and validated as the filter does:
 an invalid content is logged and the last valid list stays served (/healthz says so). The
 bound address is logged first, as \"keygate serve: listening on ADDR\" (--listen 127.0.0.1:0
-picks a free port). SIGTERM or SIGINT shut down gracefully.")]
+picks a free port). SIGTERM or SIGINT shut down gracefully.";
+
+#[derive(Args, Debug)]
 pub struct ServeArgs {
     /// The key-list file to serve.
     #[arg(value_name = "FILE")]

@@ -59,15 +59,17 @@ Exit status:
   2  bad usage
   3  could not read the configuration, key list or key file";
 
-#[derive(Args, Debug)]
-#[command(long_about = "\
+/// The long help of the subcommand.
+pub const TEST_LONG_ABOUT: &str = "\
 Decide one request offline against a configuration and a key list, with the filter's own
 decision code, and print the class, status, body and headers, and which rule decided.
 
 The key list is published into an in-memory store as the filter does; counters start empty
 (--count presets them). The key can be given in a header (-H 'x-api-key: …', visible in shell
 history and `ps`) or read from --key-file (one line; `-`: stdin), which puts it where the
-configuration's first credential source looks (header, with its scheme, or query parameter).")]
+configuration's first credential source looks (header, with its scheme, or query parameter).";
+
+#[derive(Args, Debug)]
 pub struct TestArgs {
     /// The plugin configuration: JSON, an Envoy bootstrap (YAML/JSON) or an Istio WasmPlugin.
     #[arg(long, value_name = "FILE")]
