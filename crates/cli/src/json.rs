@@ -22,8 +22,8 @@ impl Json {
         Json::String(s.to_string())
     }
 
-    pub fn strings(v: &[&str]) -> Json {
-        Json::Array(v.iter().map(|s| Json::str(s)).collect())
+    pub fn strings<S: AsRef<str>>(v: &[S]) -> Json {
+        Json::Array(v.iter().map(|s| Json::str(s.as_ref())).collect())
     }
 
     pub fn get(&self, key: &str) -> Option<&Json> {

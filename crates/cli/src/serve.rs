@@ -1,147 +1,154 @@
-//! `keygate serve`: a small HTTP/1.1 server (std only, one thread per connection, keep-alive)
-//! that serves the key-list file with a strong ETag and answers `304 Not Modified` to a matching
-//! `If-None-Match`. The file is served exactly as it is on disk; it is re-read when its size,
-//! mtime, ctime or inode change (so both in-place rewrites and replacement by rename are seen),
-//! and each new content is validated and a warning logged when it is not a valid key list (the
-//! filter rejects such a list itself and keeps its last good one).
+//! `keygate serve`: serves a key-list file over HTTP/1.1 (hyper on a tokio runtime) with a strong
+//! ETag and `304 Not Modified` for a matching `If-None-Match`.
+//!
+//! The file is re-read when its size, mtime, ctime or inode change (so both in-place rewrites
+//! and replacement by rename are seen). Each new content is validated as the filter does; an
+//! invalid one (or a file that cannot be read any more) is logged and the last valid list is
+//! still served, which `/healthz` reports. With no valid list at all, the key list and
+//! `/healthz` answer 503. SIGTERM or SIGINT stop accepting connections and let open requests
+//! finish (at most `SHUTDOWN_GRACE`).
 
-use crate::args::Args;
-use crate::{sha256_hex, Failure};
+use crate::exit::Failure;
+use crate::sha256_hex;
+use crate::Output;
+use bytes::Bytes;
+use clap::{Args, ValueEnum};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Version};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
 use std::fs;
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::io::{self, Write};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-/// A line on stderr; a closed or broken stderr is ignored rather than a reason to panic.
-macro_rules! log {
-    ($($arg:tt)*) => {{
-        let _ = writeln!(io::stderr(), $($arg)*);
-    }};
-}
-
-pub const OPTIONS: &[&str] = &["--listen", "--path", "--bearer-file"];
 pub const DEFAULT_PATH: &str = "/v1/keys";
 pub const HEALTH_PATH: &str = "/healthz";
 
-/// Largest request head (request line + headers) accepted; larger gets 431.
+/// Largest request head (request line + headers) accepted, in bytes; larger gets 431.
 const MAX_HEAD: usize = 16 * 1024;
 /// Concurrent connections; more are answered 503 and closed.
 const MAX_CONNECTIONS: usize = 256;
-/// Idle keep-alive connections and slow request heads are closed after this.
+/// A request head must arrive within this (idle keep-alive connections are closed after it).
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long open connections may take to finish after SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// A file whose mtime is at least this old is trusted not to change without its stamp changing
 /// (coarse mtime granularity would otherwise hide a rewrite of the same size in the same tick).
 const STABLE_AFTER: Duration = Duration::from_secs(2);
 
-pub fn run(a: &Args) -> Result<(), Failure> {
-    let file = match a.positional.as_slice() {
-        [f] => PathBuf::from(f),
-        [] => return Err(Failure::Usage("serve needs the key-list FILE".into())),
-        [_, extra, ..] => return Err(Failure::Usage(format!("unexpected argument {extra:?}"))),
-    };
-    let listen = a.required("--listen").map_err(Failure::Usage)?;
-    let path = a
-        .one("--path")
-        .map_err(Failure::Usage)?
-        .unwrap_or(DEFAULT_PATH)
-        .to_string();
-    if !path.starts_with('/') || path.contains(['?', '#']) || path.contains(char::is_whitespace) {
-        return Err(Failure::Usage(format!(
-            "--path: {path:?} must start with '/' and hold no query, fragment or space"
-        )));
-    }
-    let bearer = match a.one("--bearer-file").map_err(Failure::Usage)? {
-        None => None,
-        Some(f) => {
-            let t = fs::read_to_string(f)
-                .map_err(|e| Failure::Error(format!("reading --bearer-file {f}: {e}")))?;
-            let t = t.trim();
-            if t.is_empty() || !t.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
-                return Err(Failure::Error(format!(
-                    "--bearer-file {f}: the token must be non-empty visible ASCII"
-                )));
-            }
-            Some(t.as_bytes().to_vec())
-        }
-    };
-    let addrs: Vec<SocketAddr> = listen
-        .to_socket_addrs()
-        .map_err(|e| Failure::Error(format!("--listen {listen}: {e}")))?
-        .collect();
-    let listener = TcpListener::bind(&addrs[..])
-        .map_err(|e| Failure::Error(format!("--listen {listen}: {e}")))?;
-    let local = listener
-        .local_addr()
-        .map_err(|e| Failure::Error(format!("--listen {listen}: {e}")))?;
+pub const AFTER_HELP: &str = "\
+Endpoints:
+  GET|HEAD PATH     the key list as last validated, strong ETag (quoted hex SHA-256 of the
+                    bytes), Cache-Control: no-cache, 304 on a matching If-None-Match; 401 without
+                    the bearer token when --bearer-file is given; 503 while no valid list exists
+  GET|HEAD /healthz 200 \"ok …\" while the file is a valid list; 200 \"degraded …\" while the file
+                    is invalid or unreadable and the last valid list is served; 503 with no valid list
+  anything else     404 (405 for another method on those paths)
 
-    let server = Arc::new(Server {
-        file,
-        path,
-        bearer,
-        cache: Mutex::new(Cache::default()),
-        connections: AtomicUsize::new(0),
-    });
-    log!("keygate serve: listening on {local}");
-    if let Err(e) = server.current() {
-        log!("keygate serve: warning: {e}; answering 503 until it can be read");
-    }
+Exit status:
+  0  stopped by SIGTERM or SIGINT
+  1  --listen cannot be bound, or the bearer token is not visible ASCII
+  2  bad usage
+  3  the bearer file cannot be read";
 
-    for conn in listener.incoming() {
-        let stream = match conn {
-            Ok(s) => s,
-            Err(e) => {
-                log!("keygate serve: accept: {e}");
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
-            }
-        };
-        let peer = stream
-            .peer_addr()
-            .map(|p| p.to_string())
-            .unwrap_or_else(|_| "?".into());
-        if server.connections.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-            server.connections.fetch_sub(1, Ordering::SeqCst);
-            let mut stream = stream;
-            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-            let resp = Response::text(503, "too many connections\n");
-            let _ = stream.write_all(&resp.encode(false, false));
-            log!("keygate serve: {peer}: refused, {MAX_CONNECTIONS} connections open");
-            continue;
-        }
-        let guard = ConnGuard(server.clone());
-        let srv = server.clone();
-        let spawned = std::thread::Builder::new()
-            .name("keygate-conn".into())
-            .spawn(move || {
-                let _guard = guard;
-                srv.connection(stream, &peer);
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// `keygate serve: …` lines.
+    Text,
+    /// One JSON object a line: ts, level, msg and fields.
+    Json,
+}
+
+/// The long help of the subcommand.
+pub const SERVE_LONG_ABOUT: &str = "\
+Serve the key-list FILE over HTTP/1.1 with a strong ETag and 304 Not Modified. The file is
+re-read whenever it changes (in place or replaced by rename) and validated as the filter does:
+an invalid content is logged and the last valid list stays served (/healthz says so). The
+bound address is logged first, as \"keygate serve: listening on ADDR\" (--listen 127.0.0.1:0
+picks a free port). SIGTERM or SIGINT shut down gracefully.";
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// The key-list file to serve.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// Address to listen on, HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: String,
+    /// The path the key list is served at.
+    #[arg(long, default_value = DEFAULT_PATH, value_parser = parse_path)]
+    pub path: String,
+    /// Require "Authorization: Bearer <token in TOKEN_FILE>" for the key list.
+    #[arg(long, value_name = "TOKEN_FILE")]
+    pub bearer_file: Option<PathBuf>,
+    /// Log format on stderr (--json is --log-format json).
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Log only warnings, errors and the listening address (no access log, no reloads).
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub output: Output,
+}
+
+fn parse_path(p: &str) -> Result<String, String> {
+    if !p.starts_with('/') || p.contains(['?', '#']) || p.contains(char::is_whitespace) {
+        return Err(format!(
+            "{p:?} must start with '/' and hold no query, fragment or space"
+        ));
+    }
+    Ok(p.to_string())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Logging
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy)]
+struct Log {
+    json: bool,
+    quiet: bool,
+}
+
+impl Log {
+    fn line(&self, level: &str, msg: &str, fields: serde_json::Value) {
+        let text = if self.json {
+            let mut v = serde_json::json!({
+                "ts": keygate_core::time::format_rfc3339(crate::newkey::unix_now()),
+                "level": level,
+                "msg": msg,
             });
-        if let Err(e) = spawned {
-            log!("keygate serve: cannot start a connection thread: {e}");
+            if let (Some(m), serde_json::Value::Object(f)) = (v.as_object_mut(), fields) {
+                m.extend(f);
+            }
+            v.to_string()
+        } else {
+            let prefix = if level == "warn" { "warning: " } else { "" };
+            format!("keygate serve: {prefix}{msg}")
+        };
+        // A closed or broken stderr is ignored rather than a reason to stop serving.
+        let _ = writeln!(io::stderr(), "{text}");
+    }
+
+    fn info(&self, msg: &str, fields: serde_json::Value) {
+        if !self.quiet {
+            self.line("info", msg, fields);
         }
     }
-    Ok(())
-}
 
-struct ConnGuard(Arc<Server>);
-
-impl Drop for ConnGuard {
-    fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::SeqCst);
+    fn warn(&self, msg: &str, fields: serde_json::Value) {
+        self.line("warn", msg, fields);
     }
 }
 
-struct Server {
-    file: PathBuf,
-    path: String,
-    bearer: Option<Vec<u8>>,
-    cache: Mutex<Cache>,
-    connections: AtomicUsize,
-}
+// ---------------------------------------------------------------------------------------------
+// The file
+// ---------------------------------------------------------------------------------------------
 
 /// What identifies one version of the file on disk without reading it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,9 +179,14 @@ impl Stamp {
     }
 }
 
+/// A valid key list as served.
 struct Snapshot {
-    body: Vec<u8>,
+    body: Bytes,
     etag: String,
+    keys: usize,
+    version: Option<String>,
+    /// Unix seconds it was loaded.
+    loaded_at: i64,
 }
 
 #[derive(Default)]
@@ -182,115 +194,20 @@ struct Cache {
     stamp: Option<Stamp>,
     /// The stamp is old enough that a change of content implies a change of stamp.
     trusted: bool,
-    snap: Option<Arc<Snapshot>>,
-    /// Last read error logged, so a missing file is logged once, not on every request.
+    /// The last valid list.
+    valid: Option<Arc<Snapshot>>,
+    /// What is wrong with the file now (unreadable or invalid), logged once per problem.
     problem: Option<String>,
+    /// ETag of the last invalid content, so it is not validated (and logged) again.
+    bad_etag: Option<String>,
 }
 
-struct Request {
-    method: String,
-    target: String,
-    keep_alive: bool,
-    has_body: bool,
-    if_none_match: Vec<String>,
-    authorization: Option<String>,
-}
-
-enum Body {
-    Empty,
-    Owned(Vec<u8>),
-    Shared(Arc<Snapshot>),
-}
-
-struct Response {
-    status: u16,
-    headers: Vec<(&'static str, String)>,
-    body: Body,
-}
-
-impl Response {
-    fn text(status: u16, body: &str) -> Response {
-        Response {
-            status,
-            headers: vec![("Content-Type", "text/plain; charset=utf-8".into())],
-            body: Body::Owned(body.as_bytes().to_vec()),
-        }
-    }
-
-    fn json(status: u16, message: &str) -> Response {
-        let body = serde_json::json!({ "error": message }).to_string();
-        Response {
-            status,
-            headers: vec![("Content-Type", "application/json".into())],
-            body: Body::Owned(body.into_bytes()),
-        }
-    }
-
-    fn body_len(&self) -> usize {
-        match &self.body {
-            Body::Empty => 0,
-            Body::Owned(b) => b.len(),
-            Body::Shared(s) => s.body.len(),
-        }
-    }
-
-    /// The status line and headers, then the body unless `head_only` (HEAD) or the status has
-    /// none (304).
-    fn encode_head(&self, keep_alive: bool) -> Vec<u8> {
-        let mut out = format!(
-            "HTTP/1.1 {} {}\r\nDate: {}\r\nServer: keygate/{}\r\n",
-            self.status,
-            reason(self.status),
-            http_date(SystemTime::now()),
-            env!("CARGO_PKG_VERSION")
-        );
-        for (k, v) in &self.headers {
-            out.push_str(&format!("{k}: {v}\r\n"));
-        }
-        if self.status != 304 {
-            out.push_str(&format!("Content-Length: {}\r\n", self.body_len()));
-        }
-        out.push_str(if keep_alive {
-            "Connection: keep-alive\r\n\r\n"
-        } else {
-            "Connection: close\r\n\r\n"
-        });
-        out.into_bytes()
-    }
-
-    fn encode(&self, keep_alive: bool, head_only: bool) -> Vec<u8> {
-        let mut out = self.encode_head(keep_alive);
-        if !head_only && self.status != 304 {
-            match &self.body {
-                Body::Empty => {}
-                Body::Owned(b) => out.extend_from_slice(b),
-                Body::Shared(s) => out.extend_from_slice(&s.body),
-            }
-        }
-        out
-    }
-}
-
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        304 => "Not Modified",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        503 => "Service Unavailable",
-        505 => "HTTP Version Not Supported",
-        _ => "Unknown",
-    }
-}
-
-enum HeadError {
-    /// Connection closed or timed out (before or in the middle of a request head).
-    Closed,
-    TooLarge,
+struct Server {
+    file: PathBuf,
+    path: String,
+    bearer: Option<Vec<u8>>,
+    cache: Mutex<Cache>,
+    log: Log,
 }
 
 impl Server {
@@ -298,327 +215,239 @@ impl Server {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The file's current content, re-read when its stamp changed (or cannot be trusted yet).
-    fn current(&self) -> Result<Arc<Snapshot>, String> {
+    /// Records a problem with the file, logging it when it is new.
+    fn problem(&self, c: &mut Cache, msg: String) {
+        if c.problem.as_deref() != Some(&msg) {
+            let serving = match &c.valid {
+                Some(s) => format!(
+                    "; serving the last valid list ({} keys, version {}, ETag {})",
+                    s.keys,
+                    s.version.as_deref().unwrap_or("none"),
+                    s.etag
+                ),
+                None => "; no valid list: answering 503".to_string(),
+            };
+            self.log.warn(
+                &format!("{msg}{serving}"),
+                serde_json::json!({"problem": msg, "serving_last_valid": c.valid.is_some()}),
+            );
+            c.problem = Some(msg);
+        }
+    }
+
+    /// Re-reads the file when its stamp changed (or cannot be trusted yet); returns the last
+    /// valid list and the current problem.
+    fn refresh(&self) -> (Option<Arc<Snapshot>>, Option<String>) {
         let mut c = self.lock();
-        let shown = self.file.display();
+        let shown = self.file.display().to_string();
         let meta = match fs::metadata(&self.file) {
             Ok(m) if m.is_file() => m,
-            Ok(_) => return Err(c.problem(format!("{shown} is not a regular file"))),
-            Err(e) => return Err(c.problem(format!("{shown}: {e}"))),
+            Ok(_) => {
+                self.problem(&mut c, format!("{shown} is not a regular file"));
+                c.stamp = None;
+                return (c.valid.clone(), c.problem.clone());
+            }
+            Err(e) => {
+                self.problem(&mut c, format!("{shown}: {e}"));
+                c.stamp = None;
+                return (c.valid.clone(), c.problem.clone());
+            }
         };
         let stamp = Stamp::of(&meta);
         if c.trusted && c.stamp == Some(stamp) {
-            if let Some(s) = &c.snap {
-                return Ok(s.clone());
-            }
+            return (c.valid.clone(), c.problem.clone());
         }
         let read_at = SystemTime::now();
         let body = match fs::read(&self.file) {
             Ok(b) => b,
-            Err(e) => return Err(c.problem(format!("{shown}: {e}"))),
-        };
-        let etag = format!("\"{}\"", sha256_hex(&body));
-        let changed = c.snap.as_ref().is_none_or(|s| s.etag != etag);
-        if changed {
-            match keygate_core::keylist::parse(&body) {
-                Ok(list) => log!(
-                    "keygate serve: {shown}: {} keys (version {}), ETag {etag}",
-                    list.len(),
-                    list.version.as_deref().unwrap_or("none")
-                ),
-                Err(e) => log!(
-                    "keygate serve: warning: {shown} is not a valid key list, serving it anyway (the filter will reject it and keep its last good list): {e}"
-                ),
+            Err(e) => {
+                self.problem(&mut c, format!("{shown}: {e}"));
+                c.stamp = None;
+                return (c.valid.clone(), c.problem.clone());
             }
-        }
+        };
         c.trusted = stamp
             .mtime
             .and_then(|m| read_at.duration_since(m).ok())
             .is_some_and(|age| age >= STABLE_AFTER);
         c.stamp = Some(stamp);
-        c.problem = None;
-        let snap = Arc::new(Snapshot { body, etag });
-        c.snap = Some(snap.clone());
-        Ok(snap)
-    }
-
-    fn connection(&self, mut stream: TcpStream, peer: &str) {
-        let _ = stream.set_nodelay(true);
-        let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
-        let mut buf: Vec<u8> = Vec::with_capacity(1024);
-        loop {
-            let end = match read_head(&mut stream, &mut buf) {
-                Ok(end) => end,
-                Err(HeadError::Closed) => return,
-                Err(HeadError::TooLarge) => {
-                    let resp = Response::text(431, "request head too large\n");
-                    let _ = stream.write_all(&resp.encode(false, false));
-                    self.log(peer, "-", "-", &resp);
-                    lingering_close(stream);
-                    return;
-                }
-            };
-            let parsed = parse_head(buf.get(..end).unwrap_or_default());
-            buf.drain(..end);
-            let req = match parsed {
-                Ok(r) => r,
-                Err(status) => {
-                    let resp = Response::text(status, &format!("{}\n", reason(status)));
-                    let _ = stream.write_all(&resp.encode(false, false));
-                    self.log(peer, "-", "-", &resp);
-                    lingering_close(stream);
-                    return;
-                }
-            };
-            // A request body is not expected; rather than frame it, answer and close.
-            let keep_alive = req.keep_alive && !req.has_body;
-            let resp = self.respond(&req);
-            let head_only = req.method == "HEAD";
-            let sent = stream
-                .write_all(&resp.encode(keep_alive, head_only))
-                .and_then(|_| stream.flush());
-            self.log(peer, &req.method, &req.target, &resp);
-            if sent.is_err() {
-                return;
+        let etag = format!("\"{}\"", sha256_hex(&body));
+        if c.valid.as_ref().is_some_and(|s| s.etag == etag) {
+            if c.problem.take().is_some() {
+                self.log
+                    .info(&format!("{shown} is valid again"), serde_json::json!({}));
             }
-            if !keep_alive {
-                if req.has_body {
-                    lingering_close(stream);
-                }
-                return;
+            return (c.valid.clone(), None);
+        }
+        if c.bad_etag.as_deref() == Some(&etag) {
+            return (c.valid.clone(), c.problem.clone());
+        }
+        match keygate_core::keylist::parse(&body) {
+            Ok(list) => {
+                self.log.info(
+                    &format!(
+                        "{shown}: {} keys (version {}), ETag {etag}",
+                        list.len(),
+                        list.version.as_deref().unwrap_or("none")
+                    ),
+                    serde_json::json!({"file": shown, "keys": list.len(), "version": list.version, "etag": etag}),
+                );
+                c.valid = Some(Arc::new(Snapshot {
+                    body: Bytes::from(body),
+                    etag,
+                    keys: list.len(),
+                    version: list.version,
+                    loaded_at: crate::newkey::unix_now(),
+                }));
+                c.problem = None;
+                c.bad_etag = None;
+            }
+            Err(e) => {
+                c.bad_etag = Some(etag);
+                self.problem(&mut c, format!("{shown} is not a valid key list: {e}"));
             }
         }
+        (c.valid.clone(), c.problem.clone())
     }
 
-    fn respond(&self, req: &Request) -> Response {
-        let path = request_path(&req.target);
-        let get_or_head = req.method == "GET" || req.method == "HEAD";
+    fn respond(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = req.uri().path();
+        let get_or_head = req.method() == Method::GET || req.method() == Method::HEAD;
         if path == self.path {
             if !get_or_head {
-                let mut r = Response::json(405, "method not allowed");
-                r.headers.push(("Allow", "GET, HEAD".into()));
-                return r;
+                return with_allow(json_reply(405, "method not allowed"));
             }
             if let Some(token) = &self.bearer {
-                if !bearer_matches(req.authorization.as_deref(), token) {
-                    let mut r = Response::json(401, "unauthorized");
-                    r.headers.push(("WWW-Authenticate", "Bearer".into()));
+                let auth = req
+                    .headers()
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok());
+                if !bearer_matches(auth, token) {
+                    let mut r = json_reply(401, "unauthorized");
+                    r.headers_mut()
+                        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
                     return r;
                 }
             }
-            let snap = match self.current() {
-                Ok(s) => s,
-                Err(_) => return Response::json(503, "key list unavailable"),
+            let Some(snap) = self.refresh().0 else {
+                return json_reply(503, "key list unavailable");
             };
-            let headers = vec![
-                ("Content-Type", "application/json".to_string()),
-                ("ETag", snap.etag.clone()),
-                ("Cache-Control", "no-cache".into()),
-            ];
-            if if_none_match(&req.if_none_match, &snap.etag) {
-                return Response {
-                    status: 304,
-                    headers,
-                    body: Body::Empty,
-                };
+            let inm: Vec<String> = req
+                .headers()
+                .get_all(header::IF_NONE_MATCH)
+                .iter()
+                .filter_map(|v| v.to_str().ok().map(str::to_string))
+                .collect();
+            let not_modified = if_none_match(&inm, &snap.etag);
+            let mut r = Response::new(Full::new(if not_modified {
+                Bytes::new()
+            } else {
+                snap.body.clone()
+            }));
+            *r.status_mut() = if not_modified {
+                StatusCode::NOT_MODIFIED
+            } else {
+                StatusCode::OK
+            };
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            if let Ok(v) = HeaderValue::from_str(&snap.etag) {
+                h.insert(header::ETAG, v);
             }
-            return Response {
-                status: 200,
-                headers,
-                body: Body::Shared(snap),
-            };
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            if !not_modified {
+                h.insert(header::CONTENT_LENGTH, HeaderValue::from(snap.body.len()));
+            }
+            return r;
         }
         if path == HEALTH_PATH {
             if !get_or_head {
-                let mut r = Response::json(405, "method not allowed");
-                r.headers.push(("Allow", "GET, HEAD".into()));
-                return r;
+                return with_allow(json_reply(405, "method not allowed"));
             }
-            return Response::text(200, "ok\n");
+            let (valid, problem) = self.refresh();
+            return match (valid, problem) {
+                (Some(s), None) => text_reply(
+                    200,
+                    format!(
+                        "ok: {} keys (version {}), ETag {}\n",
+                        s.keys,
+                        s.version.as_deref().unwrap_or("none"),
+                        s.etag
+                    ),
+                ),
+                (Some(s), Some(p)) => text_reply(
+                    200,
+                    format!(
+                        "degraded: {p}; serving the last valid list: {} keys (version {}), ETag {}, loaded at {}\n",
+                        s.keys,
+                        s.version.as_deref().unwrap_or("none"),
+                        s.etag,
+                        keygate_core::time::format_rfc3339(s.loaded_at)
+                    ),
+                ),
+                (None, p) => text_reply(
+                    503,
+                    format!(
+                        "unavailable: no valid key list: {}\n",
+                        p.as_deref().unwrap_or("not loaded")
+                    ),
+                ),
+            };
         }
-        Response::json(404, "not found")
-    }
-
-    fn log(&self, peer: &str, method: &str, target: &str, resp: &Response) {
-        let target: String = target
-            .chars()
-            .take(200)
-            .map(|c| if c.is_ascii_graphic() { c } else { '?' })
-            .collect();
-        let method: String = method.chars().take(20).collect();
-        log!(
-            "keygate serve: {peer} \"{method} {target}\" {} {}",
-            resp.status,
-            resp.body_len()
-        );
-    }
-}
-
-impl Cache {
-    /// Records a read problem, logging it when it differs from the last one.
-    fn problem(&mut self, msg: String) -> String {
-        if self.problem.as_deref() != Some(&msg) {
-            log!("keygate serve: warning: {msg}");
-            self.problem = Some(msg.clone());
-        }
-        self.stamp = None;
-        self.trusted = false;
-        msg
-    }
-}
-
-/// Reads until `buf` holds a complete request head; returns its length (including the blank
-/// line). Bytes after it (a pipelined request) stay in `buf`.
-fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<usize, HeadError> {
-    let mut deadline: Option<Instant> = None;
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = head_end(buf) {
-            return Ok(end);
-        }
-        if buf.len() >= MAX_HEAD {
-            return Err(HeadError::TooLarge);
-        }
-        // The idle timeout applies before the first byte; once a request has started, its
-        // whole head must arrive within READ_TIMEOUT.
-        let timeout = match deadline {
-            None => READ_TIMEOUT,
-            Some(d) => d
-                .checked_duration_since(Instant::now())
-                .filter(|t| !t.is_zero())
-                .ok_or(HeadError::Closed)?,
-        };
-        let _ = stream.set_read_timeout(Some(timeout));
-        match stream.read(&mut chunk) {
-            Ok(0) => return Err(HeadError::Closed),
-            Ok(n) => {
-                if deadline.is_none() {
-                    deadline = Some(Instant::now() + READ_TIMEOUT);
-                }
-                buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return Err(HeadError::Closed),
-        }
+        json_reply(404, "not found")
     }
 }
 
-/// Closes after an answer sent before the whole request was read: stop writing, then discard
-/// what the client is still sending for a moment, so that closing with unread input does not
-/// reset the connection before the client has read the answer.
-fn lingering_close(mut stream: TcpStream) {
-    let _ = stream.shutdown(std::net::Shutdown::Write);
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-    let mut sink = [0u8; 4096];
-    let mut total = 0usize;
-    while total < 1 << 20 {
-        match stream.read(&mut sink) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => total += n,
-        }
-    }
+fn status(code: u16) -> StatusCode {
+    StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
-/// End of the head: after the first empty line (CRLF CRLF, or bare LF LF leniently).
-fn head_end(buf: &[u8]) -> Option<usize> {
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|p| p + 2);
-    match (crlf, lf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
+fn json_reply(code: u16, message: &str) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({ "error": message }).to_string();
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status(code);
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
-fn is_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+fn text_reply(code: u16, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status(code);
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
 }
 
-/// Parses a request head; `Err` is the status to answer (then the connection is closed).
-fn parse_head(head: &[u8]) -> Result<Request, u16> {
-    let text = std::str::from_utf8(head).map_err(|_| 400u16)?;
-    let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
-    let request_line = lines.next().ok_or(400u16)?;
-    let mut parts = request_line.split(' ');
-    let (method, target, version) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some(m), Some(t), Some(v), None) => (m, t, v),
-        _ => return Err(400),
-    };
-    if !is_token(method) || target.is_empty() || !target.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(400);
-    }
-    let http10 = match version {
-        "HTTP/1.1" => false,
-        "HTTP/1.0" => true,
-        v if v.starts_with("HTTP/") => return Err(505),
-        _ => return Err(400),
-    };
-    let mut req = Request {
-        method: method.to_string(),
-        target: target.to_string(),
-        keep_alive: !http10,
-        has_body: false,
-        if_none_match: Vec::new(),
-        authorization: None,
-    };
-    let mut content_length: Option<u64> = None;
-    for line in lines {
-        if line.is_empty() {
-            continue;
-        }
-        if line.starts_with([' ', '\t']) {
-            return Err(400); // obsolete line folding
-        }
-        let (name, value) = line.split_once(':').ok_or(400u16)?;
-        if !is_token(name) {
-            return Err(400);
-        }
-        let value = value.trim_matches([' ', '\t']);
-        match name.to_ascii_lowercase().as_str() {
-            "connection" => {
-                for opt in value.split(',').map(str::trim) {
-                    if opt.eq_ignore_ascii_case("close") {
-                        req.keep_alive = false;
-                    } else if opt.eq_ignore_ascii_case("keep-alive") && http10 {
-                        req.keep_alive = true;
-                    }
-                }
-            }
-            "content-length" => {
-                let n: u64 = value.parse().map_err(|_| 400u16)?;
-                if content_length.is_some_and(|c| c != n) {
-                    return Err(400);
-                }
-                content_length = Some(n);
-            }
-            "transfer-encoding" => req.has_body = true,
-            "if-none-match" => req.if_none_match.push(value.to_string()),
-            "authorization" => req.authorization = Some(value.to_string()),
-            _ => {}
-        }
-    }
-    if content_length.is_some_and(|n| n > 0) {
-        req.has_body = true;
-    }
-    Ok(req)
+fn with_allow(mut r: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+    r
 }
 
-/// The path of a request target (origin-form or absolute-form), without query or fragment.
-fn request_path(target: &str) -> &str {
-    let t = ["http://", "https://"]
+/// Whether the client asked to keep the connection open (HTTP/1.1 unless `close`; HTTP/1.0
+/// only with `keep-alive`).
+fn wants_keep_alive(req: &Request<Incoming>) -> bool {
+    let tokens: Vec<String> = req
+        .headers()
+        .get_all(header::CONNECTION)
         .iter()
-        .find_map(|scheme| {
-            let rest = target
-                .get(..scheme.len())
-                .filter(|p| p.eq_ignore_ascii_case(scheme))
-                .and_then(|_| target.get(scheme.len()..))?;
-            Some(rest.find('/').and_then(|i| rest.get(i..)).unwrap_or("/"))
-        })
-        .unwrap_or(target);
-    let end = t.find(['?', '#']).unwrap_or(t.len());
-    t.get(..end).unwrap_or(t)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect();
+    if req.version() == Version::HTTP_10 {
+        tokens.iter().any(|t| t == "keep-alive")
+    } else {
+        !tokens.iter().any(|t| t == "close")
+    }
 }
 
 /// RFC 9110 §13.1.2: `*`, or any listed entity tag equal to ours under weak comparison.
@@ -666,9 +495,202 @@ fn bearer_matches(authorization: Option<&str>, token: &[u8]) -> bool {
             == 0
 }
 
-/// IMF-fixdate (RFC 9110 §5.6.7), e.g. `Sun, 06 Nov 1994 08:49:37 GMT`.
-fn http_date(t: SystemTime) -> String {
-    httpdate::fmt_http_date(t)
+// ---------------------------------------------------------------------------------------------
+// Running
+// ---------------------------------------------------------------------------------------------
+
+pub fn run(a: &ServeArgs) -> Result<(), Failure> {
+    let bearer = match &a.bearer_file {
+        None => None,
+        Some(f) => {
+            let t = fs::read_to_string(f).map_err(|e| {
+                Failure::Unreadable(format!("reading --bearer-file {}: {e}", f.display()))
+            })?;
+            let t = t.trim();
+            if t.is_empty() || !t.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+                return Err(Failure::Invalid(format!(
+                    "--bearer-file {}: the token must be non-empty visible ASCII",
+                    f.display()
+                )));
+            }
+            Some(t.as_bytes().to_vec())
+        }
+    };
+    let listen = &a.listen;
+    let addrs: Vec<SocketAddr> = listen
+        .to_socket_addrs()
+        .map_err(|e| Failure::Invalid(format!("--listen {listen}: {e}")))?
+        .collect();
+    let std_listener = std::net::TcpListener::bind(&addrs[..])
+        .and_then(|l| l.set_nonblocking(true).map(|_| l))
+        .map_err(|e| Failure::Invalid(format!("--listen {listen}: {e}")))?;
+    let local = std_listener
+        .local_addr()
+        .map_err(|e| Failure::Invalid(format!("--listen {listen}: {e}")))?;
+    let log = Log {
+        json: a.output.json || a.log_format == LogFormat::Json,
+        quiet: a.quiet,
+    };
+    // Always logged, first: how a caller that asked for port 0 learns the port.
+    log.line(
+        "info",
+        &format!("listening on {local}"),
+        serde_json::json!({"addr": local.to_string()}),
+    );
+    let server = Arc::new(Server {
+        file: a.file.clone(),
+        path: a.path.clone(),
+        bearer,
+        cache: Mutex::new(Cache::default()),
+        log,
+    });
+    server.refresh();
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Invalid(format!("starting the runtime: {e}")))?;
+    runtime.block_on(serve_loop(server, std_listener))
+}
+
+async fn serve_loop(
+    server: Arc<Server>,
+    std_listener: std::net::TcpListener,
+) -> Result<(), Failure> {
+    let listener = tokio::net::TcpListener::from_std(std_listener)
+        .map_err(|e| Failure::Invalid(format!("listening: {e}")))?;
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let log = server.log;
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(s) => s,
+                Err(e) => {
+                    log.warn(&format!("accept: {e}"), serde_json::json!({}));
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            signal = &mut shutdown => {
+                log.line("info", &format!("{signal}: shutting down"), serde_json::json!({"signal": signal}));
+                break;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            use tokio::io::AsyncWriteExt;
+            let mut stream = stream;
+            let body = "too many connections\n";
+            let reply = format!(
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), stream.write_all(reply.as_bytes()))
+                    .await;
+            log.warn(
+                &format!("{peer}: refused, {MAX_CONNECTIONS} connections open"),
+                serde_json::json!({"peer": peer.to_string()}),
+            );
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let srv = server.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let srv = srv.clone();
+            async move {
+                let keep_alive = wants_keep_alive(&req);
+                let mut resp = srv.respond(&req);
+                resp.headers_mut().insert(
+                    header::CONNECTION,
+                    HeaderValue::from_static(if keep_alive { "keep-alive" } else { "close" }),
+                );
+                if let Ok(v) =
+                    HeaderValue::from_str(&format!("keygate/{}", env!("CARGO_PKG_VERSION")))
+                {
+                    resp.headers_mut().insert(header::SERVER, v);
+                }
+                let len = resp
+                    .headers()
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .map_or_else(
+                        || {
+                            hyper::body::Body::size_hint(resp.body())
+                                .exact()
+                                .unwrap_or(0)
+                                .to_string()
+                        },
+                        str::to_string,
+                    );
+                let target: String = req
+                    .uri()
+                    .to_string()
+                    .chars()
+                    .take(200)
+                    .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+                    .collect();
+                srv.log.info(
+                    &format!(
+                        "{peer} \"{} {target}\" {} {len}",
+                        req.method(),
+                        resp.status().as_u16()
+                    ),
+                    serde_json::json!({"peer": peer.to_string(), "method": req.method().as_str(),
+                                       "target": target, "status": resp.status().as_u16()}),
+                );
+                if req.method() == Method::HEAD {
+                    // The length of the body a GET would get; HEAD sends none.
+                    *resp.body_mut() = Full::new(Bytes::new());
+                }
+                Ok::<_, Infallible>(resp)
+            }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(READ_TIMEOUT)
+            .max_buf_size(MAX_HEAD)
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(SHUTDOWN_GRACE) => {
+            log.warn("connections still open after the grace period; closing them", serde_json::json!({}));
+        }
+    }
+    log.line("info", "stopped", serde_json::json!({}));
+    Ok(())
+}
+
+/// Resolves with the signal's name on SIGTERM or SIGINT.
+async fn shutdown_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
+    }
 }
 
 #[cfg(test)]
@@ -693,56 +715,10 @@ mod tests {
     }
 
     #[test]
-    fn dates() {
-        use std::time::UNIX_EPOCH;
-        let t = UNIX_EPOCH + Duration::from_secs(784_111_777);
-        assert_eq!(http_date(t), "Sun, 06 Nov 1994 08:49:37 GMT");
-        assert_eq!(http_date(UNIX_EPOCH), "Thu, 01 Jan 1970 00:00:00 GMT");
-        let t = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
-        assert_eq!(http_date(t), "Tue, 29 Feb 2000 00:00:00 GMT");
-    }
-
-    #[test]
     fn paths() {
-        assert_eq!(request_path("/v1/keys?x=1"), "/v1/keys");
-        assert_eq!(request_path("http://h:1/v1/keys"), "/v1/keys");
-        assert_eq!(request_path("HTTP://h"), "/");
-        assert_eq!(request_path("*"), "*");
-    }
-
-    #[test]
-    fn heads() {
-        let r = parse_head(b"GET /v1/keys HTTP/1.1\r\nHost: x\r\nIf-None-Match: \"a\"\r\n\r\n")
-            .ok()
-            .unwrap();
-        assert!(r.keep_alive && !r.has_body);
-        assert_eq!(r.if_none_match, vec!["\"a\"".to_string()]);
-        let r = parse_head(b"GET / HTTP/1.0\r\n\r\n").ok().unwrap();
-        assert!(!r.keep_alive);
-        let r = parse_head(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
-            .ok()
-            .unwrap();
-        assert!(r.keep_alive);
-        let r = parse_head(b"GET / HTTP/1.1\r\nContent-Length: 3\r\n\r\n")
-            .ok()
-            .unwrap();
-        assert!(r.has_body);
-        for bad in [
-            &b"GET /\r\n\r\n"[..],
-            b"GET  / HTTP/1.1\r\n\r\n",
-            b"GET / HTTP/2\r\n\r\n",
-            b"GET / HTTP/1.1\r\nNo colon\r\n\r\n",
-            b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n",
-            b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
-            b"GET / HTTP/1.1\r\n folded\r\n\r\n",
-            b"\xff / HTTP/1.1\r\n\r\n",
-        ] {
-            assert!(
-                parse_head(bad).is_err(),
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
-        }
+        assert!(parse_path("/v1/keys").is_ok());
+        assert!(parse_path("v1").is_err());
+        assert!(parse_path("/a?b").is_err());
     }
 
     #[test]

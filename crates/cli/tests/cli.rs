@@ -403,8 +403,9 @@ fn check_config_accepts_good_and_names_the_bad_field() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("ip_allow"), "{}", stderr(&out));
 
+    // Could not read: exit 3, distinct from an invalid configuration (1).
     let out = run(&["check-config", dir.path("missing.json").to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3));
     let out = run(&["check-config"]);
     assert_eq!(out.status.code(), Some(2));
 }
@@ -420,7 +421,13 @@ fn check_keys_names_the_bad_field() {
     .unwrap();
     let out = run(&["check-keys", f.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(stdout(&out), "ok: 1 keys (version v9)\n");
+    // The first line as before, then the summary.
+    assert_eq!(stdout(&out).lines().next(), Some("ok: 1 keys (version v9)"));
+    assert!(
+        stdout(&out).contains("summary: 1 active"),
+        "{}",
+        stdout(&out)
+    );
 
     fs::write(&f, r#"{"keys":[{"id":"a","hash":"abc","owner":"o"}]}"#).unwrap();
     let out = run(&["check-keys", f.to_str().unwrap()]);
@@ -429,15 +436,38 @@ fn check_keys_names_the_bad_field() {
 
     let out = run_stdin(&["check-keys", "-"], br#"{"keys":[]}"#);
     assert_eq!(out.status.code(), Some(0));
-    assert_eq!(stdout(&out), "ok: 0 keys (version none)\n");
+    assert!(stdout(&out).starts_with("ok: 0 keys (version none)\n"));
 }
 
 #[test]
 fn help_version_and_usage_errors() {
-    for args in [&["help"][..], &["--help"], &["-h"], &["serve", "--help"]] {
+    for args in [&["help"][..], &["--help"], &["-h"]] {
         let out = run(args);
         assert_eq!(out.status.code(), Some(0), "{args:?}");
         assert!(stdout(&out).contains("keygate new --list FILE"), "{args:?}");
+    }
+    // Each subcommand has its own help (clap), with its usage and the exit statuses.
+    for cmd in [
+        "new",
+        "hash",
+        "test",
+        "check-config",
+        "check-keys",
+        "diff",
+        "serve",
+        "completions",
+    ] {
+        for args in [&[cmd, "--help"][..], &["help", cmd]] {
+            let out = run(args);
+            assert_eq!(out.status.code(), Some(0), "{args:?}");
+            let text = stdout(&out);
+            assert!(
+                text.contains(&format!("Usage: keygate {cmd}")),
+                "{args:?}: {text}"
+            );
+            assert!(text.contains("Exit status:"), "{args:?}: {text}");
+            assert!(text.contains("--json"), "{args:?}: {text}");
+        }
     }
     let out = run(&["--version"]);
     assert_eq!(out.status.code(), Some(0));
@@ -644,17 +674,50 @@ fn serve_etags_304_changes_and_404() {
     assert_eq!(r.body, v3);
     assert_eq!(r.header("etag"), Some(etag_of(v3).as_str()));
 
-    // An invalid list is still served as-is (the filter rejects it itself).
+    assert!(
+        String::from_utf8_lossy(&get(&srv.addr, "/healthz", "").body).starts_with("ok: 1 keys")
+    );
+
+    // An invalid list is not served: the last valid one stays, and /healthz says so.
     replace(&file, b"{broken");
     let r = get(&srv.addr, "/v1/keys", "");
     assert_eq!(r.status, 200);
-    assert_eq!(r.body, b"{broken");
+    assert_eq!(r.body, v3);
+    assert_eq!(r.header("etag"), Some(etag_of(v3).as_str()));
+    let h = get(&srv.addr, "/healthz", "");
+    assert_eq!(h.status, 200);
+    let text = String::from_utf8_lossy(&h.body).to_string();
+    assert!(
+        text.starts_with("degraded: ") && text.contains("not a valid key list"),
+        "{text}"
+    );
 
-    // A missing file is 503, and serving resumes when it is back.
+    // So does a missing file; serving the file resumes when it is back.
     fs::remove_file(&file).unwrap();
-    assert_eq!(get(&srv.addr, "/v1/keys", "").status, 503);
+    assert_eq!(get(&srv.addr, "/v1/keys", "").body, v3);
+    assert!(
+        String::from_utf8_lossy(&get(&srv.addr, "/healthz", "").body).starts_with("degraded: ")
+    );
     replace(&file, v1);
+    let r = get(&srv.addr, "/v1/keys", "");
+    assert_eq!((r.status, r.body.as_slice()), (200, &v1[..]));
+    assert_eq!(get(&srv.addr, "/healthz", "").status, 200);
+}
+
+#[test]
+fn serve_without_a_valid_list_answers_503_and_healthz_fails() {
+    let dir = TempDir::new("serve-invalid");
+    let file = dir.path("keys.json");
+    fs::write(&file, b"{\"keys\": 3}").unwrap();
+    let srv = serve(&file, &[]);
+    assert_eq!(get(&srv.addr, "/v1/keys", "").status, 503);
+    let h = get(&srv.addr, "/healthz", "");
+    assert_eq!(h.status, 503);
+    assert!(String::from_utf8_lossy(&h.body).contains("no valid key list"));
+    // Becomes valid: served, healthy.
+    replace(&file, br#"{"keys":[]}"#);
     assert_eq!(get(&srv.addr, "/v1/keys", "").status, 200);
+    assert_eq!(get(&srv.addr, "/healthz", "").status, 200);
 }
 
 #[test]
