@@ -321,7 +321,7 @@ pub fn decide_cached(
 ) -> Outcome {
     let method = req.header_str(":method");
     let (raw_path, query) = path::split_query(req.header_str(":path"));
-    let norm_path = path::normalize(raw_path);
+    let norm_path = path::normalize_cow(raw_path);
     let credential = credential::find(&cfg.credentials, |n| req.header(n), query);
 
     // 2. Client IP and the global lists, before anything else (exempt requests included).
