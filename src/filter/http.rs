@@ -7,6 +7,7 @@ use super::nginx;
 use super::phase;
 use super::root::Shared;
 use crate::client_ip;
+use crate::config::{Config, Edits};
 use crate::decision::{self, Request};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
@@ -99,11 +100,25 @@ impl HttpContext for Http {
         // One call per edit: a call that returns nothing is far cheaper than reading the whole
         // map back and replacing it (which makes the host allocate inside the VM).
         timed!(phase::WRITE_HEADERS, {
-            for name in &outcome.remove_headers {
-                self.set_http_request_header(name, None);
-            }
-            for (name, value) in &outcome.set_headers {
-                self.set_http_request_header(name, Some(value));
+            match s.config.edits {
+                Edits::Filter => {
+                    for name in &outcome.remove_headers {
+                        self.set_http_request_header(name, None);
+                    }
+                    for (name, value) in &outcome.set_headers {
+                        self.set_http_request_header(name, Some(value));
+                    }
+                }
+                // The route removes the credential and identity headers and adds the identity
+                // from the filter state: no request-header edit from here (each one makes Envoy
+                // clear the stream's route cache), one property per identity value.
+                Edits::EnvoyRoute => {
+                    for (name, value) in &outcome.set_headers {
+                        if let Some(state) = filter_state_name(&s.config, name) {
+                            let _ = hostcalls::set_property(vec![state], Some(value.as_bytes()));
+                        }
+                    }
+                }
             }
             if let Some(path) = &outcome.new_path {
                 self.set_http_request_header(":path", Some(path));
@@ -118,6 +133,18 @@ impl HttpContext for Http {
         let add = std::mem::take(&mut self.response_headers);
         timed!(phase::RESPONSE_HEADERS, self.add_response_headers(add));
         Action::Continue
+    }
+}
+
+/// The filter-state entry (`set_property` name; Envoy stores it as `wasm.<name>`) that carries
+/// an identity header's value in `upstream.edits: "envoy_route"`.
+fn filter_state_name(cfg: &Config, header: &str) -> Option<&'static str> {
+    if cfg.key_id_header.as_deref() == Some(header) {
+        Some("keygate_key_id")
+    } else if cfg.owner_header.as_deref() == Some(header) {
+        Some("keygate_owner")
+    } else {
+        None
     }
 }
 
