@@ -242,6 +242,7 @@ def cidrs(n: int = 100) -> list[str]:
 
 def keygate_config(*, ip_allow: bool = True, routes_on: bool = True, ratelimit: bool = True,
                    identity: bool = True, extras: bool = True, failure_limit: bool = False, refresh_s: int = 3600,
+                   envoy_route: bool = False,
                    timeout_ms: int = 120_000) -> dict:
     cfg: dict[str, Any] = {
         "key_list": {"cluster": "keyservice", "path": "/v1/keys", "refresh_s": refresh_s,
@@ -264,6 +265,8 @@ def keygate_config(*, ip_allow: bool = True, routes_on: bool = True, ratelimit: 
         cfg["rate_limit"] = {"default": [{"limit": HUGE_LIMIT, "window_s": 60}], "headers": "x-ratelimit"}
     cfg["upstream"] = ({"strip_credential": True, "key_id_header": "x-api-key-id", "owner_header": "x-api-key-owner"}
                        if identity else {"strip_credential": False, "key_id_header": None, "owner_header": None})
+    if envoy_route:
+        cfg["upstream"]["edits"] = "envoy_route"
     return cfg
 
 
@@ -930,12 +933,40 @@ def profile_extra_specs() -> list[Spec]:
     return []
 
 
+# `upstream.edits: "envoy_route"`: the route removes the credential and identity headers and adds
+# the identity from keygate's filter state (README, Envoy route mode).
+ROUTE_EDITS = {
+    "request_headers_to_remove": ["x-api-key-id", "x-api-key-owner", "x-api-key", "authorization"],
+    "request_headers_to_add": [
+        {"header": {"key": "x-api-key-id", "value": "%FILTER_STATE(wasm.keygate_key_id:PLAIN)%"},
+         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
+        {"header": {"key": "x-api-key-owner", "value": "%FILTER_STATE(wasm.keygate_owner:PLAIN)%"},
+         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
+    ],
+}
+
+
 def attribution_extra_specs() -> list[Spec]:
-    return []
+    """The Envoy route mode against the default, both over an upstream hop: a `direct_response`
+    route never applies `request_headers_to_add`, so only a forwarded request pays for the route's
+    edits."""
+    return [
+        Spec("A-hop", "A, routed to the upstream listener (a second listener of the same Envoy)", "router", hop=True),
+        Spec("D-hop", "D, routed to the upstream listener", "keygate", plugin=keygate_config(), doc="1k", keys=1_000,
+             hop=True),
+        Spec("Dx-hop", "D in Envoy route mode (`upstream.edits: envoy_route`, the route edits the headers), "
+             "routed to the upstream listener", "keygate", plugin=keygate_config(envoy_route=True), doc="1k",
+             keys=1_000, hop=True, route_extra=ROUTE_EDITS),
+    ]
 
 
 def attribution_extra_notes(pmed: Callable[[str, str], float], names: list[str]) -> list[str]:
-    return []
+    if not {"A-hop", "D-hop", "Dx-hop"} <= set(names):
+        return []
+    return [f"- Envoy route mode, over an upstream hop (the hop costs the same in both): keygate adds "
+            f"{pmed('D-hop', 'A-hop'):+.2f} µs when it edits the headers itself (default) and "
+            f"{pmed('Dx-hop', 'A-hop'):+.2f} µs when it writes filter state and the route edits the headers: "
+            f"the mode saves {pmed('D-hop', 'Dx-hop'):+.2f} µs per request (median of per-round differences)."]
 
 
 def _stats(xs: list[float]) -> str:
@@ -1061,6 +1092,11 @@ def run(args: argparse.Namespace) -> int:
                 Spec("D", "keygate, 1k keys", "keygate", plugin=keygate_config(), doc="1k", keys=1_000),
                 Spec("E", "keygate, 1M keys", "keygate", plugin=keygate_config(), doc="1m", keys=1_000_000),
             ] + envoy_mode_specs()
+            if args.configs:
+                specs = [s_ for s_ in specs if s_.name in args.configs]
+            for name, path_ in args.variant:
+                specs.append(Spec(f"D@{name}", f"D with the module {path_}", "keygate", plugin=keygate_config(),
+                                  doc="1k", keys=1_000, wasm=Path(path_).resolve()))
             for s_ in specs:
                 if s_.doc:
                     bench.doc(s_.doc)
@@ -1316,12 +1352,24 @@ def main() -> int:
                         "than 10%% of the benchmark CPUs during its run (default 0: on this VM the tick-based /proc/stat "
                         "counts ~30%% more busy time than the tasks' own schedstat under load, so the figure "
                         "is a hint, not a verdict)")
+    p.add_argument("--configs", default="",
+                   help="comma-separated subset of section 1's configurations (A, B, C, T, D, E, ...); A and T "
+                        "are always kept (every ratio needs them)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=WASM",
+                   help="also measure D with another build of the module (section 1), e.g. "
+                        "--variant base=/tmp/keygate-before.wasm, to compare a change side by side")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 round of 3 s, 1 s warm-up")
     args = p.parse_args()
     if args.quick:
         args.rounds, args.duration, args.warmup, args.swap_duration, args.wait_quiet, args.retries = 1, 3, 1, 20, 0, 0
         args.attribution_rounds = 1
     args.sections = [x.strip() for x in args.sections.split(",") if x.strip()]
+    args.configs = ({"A", "T", "C"} | {x.strip() for x in args.configs.split(",") if x.strip()}) if args.configs else set()
+    try:
+        args.variant = [tuple(v.split("=", 1)) for v in args.variant]
+        assert all(len(v) == 2 for v in args.variant)
+    except AssertionError:
+        p.error("--variant: NAME=PATH")
     bad = [x for x in args.sections if x not in ("main", "attribution", "profile", "phases", "scale")]
     if bad:
         p.error(f"--sections: unknown {bad}")
