@@ -990,19 +990,20 @@ def paired_section(specs: list[Spec], res: dict[str, list[dict]], rounds: int) -
     out = ["### Paired within each round (same minute: slow drift cancels)", "",
            "| round | A µs | " + " | ".join(f"{n}−A" for n in names if n != "A") + " | "
            + " | ".join(f"({n}−A)/(T−A)" for n in keygate) + " | "
-           + " | ".join(f"({n}−A)/(C−A)" for n in keygate if n != "E") + " | (E−A)/(D−A) |",
-           "|---:|---:|" + "---:|" * (len(names) - 1) + "---:|" * (2 * len(keygate) - 1 + 1)]
+           + " | ".join(f"({n}−A)/(C−A)" for n in keygate if n != "E") + " |"
+           + (" (E−A)/(D−A) |" if "E" in names else ""),
+           "|---:|---:|" + "---:|" * (len(names) - 1) + "---:|" * (2 * len(keygate) - 1 + ("E" in names))]
     rt = {n: ratio(n, "T") for n in keygate}
     rc = {n: ratio(n, "C") for n in keygate if n != "E"}
     red = ratio("E", "D") if "E" in names else [float("nan")] * n_r
     for i in range(n_r):
         out.append(f"| {i + 1} | {cpu['A'][i]:.2f} | " + " | ".join(f"{diff[n][i]:+.2f}" for n in names if n != "A")
                    + " | " + " | ".join(f"{rt[n][i]:.2f}" for n in keygate) + " | "
-                   + " | ".join(f"{rc[n][i]:.2f}" for n in rc) + f" | {red[i]:.3f} |")
+                   + " | ".join(f"{rc[n][i]:.2f}" for n in rc) + " |" + (f" {red[i]:.3f} |" if "E" in names else ""))
     out.append("| **median (min–max)** | " + _stats(cpu["A"]) + " | "
                + " | ".join(_stats(diff[n]) for n in names if n != "A") + " | "
                + " | ".join(_stats(rt[n]) for n in keygate) + " | "
-               + " | ".join(_stats(rc[n]) for n in rc) + f" | {_stats(red)} |")
+               + " | ".join(_stats(rc[n]) for n in rc) + " |" + (f" {_stats(red)} |" if "E" in names else ""))
     out += ["", "Medians of the per-round ratios; beside each, the spread of A and of the floor C−A over the "
             "same rounds (a ratio is no better resolved than its denominator):", ""]
     for n in keygate:
@@ -1347,11 +1348,9 @@ def main() -> int:
     p.add_argument("--wait-quiet", type=float, default=120,
                    help="before each run, wait up to this many seconds for other processes to leave the "
                         "benchmark CPUs (<10%% busy); 0: don't wait (default 120, --quick 0)")
-    p.add_argument("--retries", type=int, default=0,
+    p.add_argument("--retries", type=int, default=2,
                    help="run a configuration again (up to this many times) when other processes used more "
-                        "than 10%% of the benchmark CPUs during its run (default 0: on this VM the tick-based /proc/stat "
-                        "counts ~30%% more busy time than the tasks' own schedstat under load, so the figure "
-                        "is a hint, not a verdict)")
+                        "than 10%% of the benchmark CPUs during its run (default 2, --quick 0)")
     p.add_argument("--configs", default="",
                    help="comma-separated subset of section 1's configurations (A, B, C, T, D, E, ...); A and T "
                         "are always kept (every ratio needs them)")
