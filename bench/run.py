@@ -669,6 +669,7 @@ end
         log(f"profile {spec.name}: samples by DSO: " + ", ".join(f"{k} {v}" for k, v in sorted(raw.items(), key=lambda x: -x[1])[:10]))
         cpu_req = (c1 - c0) / 1e3 / max(1, res["requests"])
         return {"groups": {g: n / max(1, total) * cpu_req for g, n in groups.items()}, "samples": total,
+                "raw": raw,
                 "cpu_us_per_req": cpu_req, "rps": res["rps"]}
 
     def rounds(self, specs: list[Spec], n: int, label: str) -> dict[str, list[dict]]:
@@ -687,7 +688,8 @@ end
                 log(f"{label} round {r + 1}/{n} {s.name:>10}: {res['rps']:9.0f} req/s  p50 {res['p50'] / 1e3:6.3f} ms  "
                     f"p99 {res['p99'] / 1e3:6.3f} ms  CPU {res['cpu_us_per_req']:6.2f} us/req  "
                     f"Envoy {res['cpu_util'] * 100:3.0f}% wrk {res['wrk_util'] * 100:3.0f}% other {res['other_load'] * 100:3.0f}% "
-                    f"steal {res['steal'] * 100:3.0f}%"
+                    f"steal {res['steal'] * 100:3.0f}%  Envoy CPU s main/workers/other "
+                    f"{res['thread_cpu']['main']:.2f}/{res['thread_cpu']['workers']:.2f}/{res['thread_cpu']['other']:.2f}"
                     + (f"  NON-2xx/ERRORS {bad}" if bad else "")
                     + (f"  (list loaded in {res['load_s']:.1f}s)" if res.get("load_s") else ""))
         return out
@@ -1179,6 +1181,7 @@ def run(args: argparse.Namespace) -> int:
                 Spec("D", "keygate, 1k keys", "keygate", plugin=keygate_config(), doc="1k", keys=1_000),
                 Spec("D-ident", "D without request-header edits", "keygate", plugin=keygate_config(identity=False),
                      doc="1k", keys=1_000),
+                Spec("E", "keygate, 1M keys", "keygate", plugin=keygate_config(), doc="1m", keys=1_000_000),
             ] + profile_extra_specs()
             log(f"part 1d: perf profile of Envoy, {len(prof_specs)} configurations")
             prof = {s_.name: bench.profile(s_, args.duration) for s_ in prof_specs}
@@ -1208,7 +1211,10 @@ def run(args: argparse.Namespace) -> int:
                     f"{d.get(j, 0) - pa.get(j, 0):+.2f} µs, kernel {d.get('kernel', 0) - pa.get('kernel', 0):+.2f} µs. "
                     f"T over A: host {t.get(h, 0) - pa.get(h, 0):+.2f} µs, VM {t.get(j, 0) - pa.get(j, 0):+.2f} µs.",
                     f"- The request-header edits (D − D-ident): host side {d.get(h, 0) - di.get(h, 0):+.2f} µs, in the VM "
-                    f"{d.get(j, 0) - di.get(j, 0):+.2f} µs.", ""]
+                    f"{d.get(j, 0) - di.get(j, 0):+.2f} µs.",
+                    f"- 1M keys against 1k (E − D): host side {prof['E']['groups'].get(h, 0) - d.get(h, 0):+.2f} µs, in the VM "
+                    f"{prof['E']['groups'].get(j, 0) - d.get(j, 0):+.2f} µs, kernel "
+                    f"{prof['E']['groups'].get('kernel', 0) - d.get('kernel', 0):+.2f} µs.", ""]
             emit(sec)
 
         if "phases" in sections:
