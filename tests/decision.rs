@@ -134,8 +134,9 @@ impl Gate {
 
     fn run_at(&mut self, r: &Req, now: u64) -> Outcome {
         let source = r.source;
+        let headers = keygate::decision::header_refs(&r.headers);
         let req = keygate::decision::Request {
-            headers: &r.headers,
+            headers: &headers,
             source: &move || source,
         };
         decide(&self.cfg, &mut self.list, &self.store, &req, now)

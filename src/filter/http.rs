@@ -12,6 +12,7 @@ use crate::decision::{self, Request};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
+use std::ops::Range;
 use std::rc::Rc;
 
 pub struct Http {
@@ -33,11 +34,23 @@ impl Context for Http {}
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let s = &self.shared;
-        let mut headers = timed!(phase::READ_HEADERS, self.get_http_request_headers_bytes());
+        let mut raw = timed!(phase::READ_HEADERS, request_header_bytes());
+        let ranges = pair_ranges(&raw);
         // nginx hands over header names as the client wrote them; Envoy's are lowercase already.
-        for (k, _) in headers.iter_mut() {
-            k.make_ascii_lowercase();
+        for (name, _) in &ranges {
+            if let Some(name) = raw.get_mut(name.clone()) {
+                name.make_ascii_lowercase();
+            }
         }
+        let headers: Vec<(&str, &[u8])> = ranges
+            .iter()
+            .filter_map(|(k, v)| {
+                Some((
+                    std::str::from_utf8(raw.get(k.clone())?).ok()?,
+                    raw.get(v.clone())?,
+                ))
+            })
+            .collect();
         let source = || {
             timed!(
                 phase::SOURCE,
@@ -134,6 +147,64 @@ impl HttpContext for Http {
         timed!(phase::RESPONSE_HEADERS, self.add_response_headers(add));
         Action::Continue
     }
+}
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_get_header_map_pairs(
+        map_type: u32,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> u32;
+}
+
+/// The request headers as the host serialises them (their count, each name's and value's
+/// length, then `name\0value\0` for each), in one buffer this VM owns. Parsed in place
+/// (`pair_ranges`), a request costs one allocation for its headers instead of two per header
+/// as with the SDK's `get_http_request_headers_bytes`.
+fn request_header_bytes() -> Vec<u8> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: on success (status 0) the host hands over a buffer it obtained from this module's
+    // `proxy_on_memory_allocate` (the SDK's: a boxed `[u8]` of exactly `size` bytes), which is
+    // what the SDK's own `get_map_bytes` takes back with `Vec::from_raw_parts` too.
+    unsafe {
+        if proxy_get_header_map_pairs(0, &mut data, &mut size) != 0 || data.is_null() {
+            return Vec::new();
+        }
+        Vec::from_raw_parts(data, size, size)
+    }
+}
+
+/// Byte ranges of each header's name and value in `buf` (see `request_header_bytes`); a
+/// malformed buffer yields the pairs before the fault.
+fn pair_ranges(buf: &[u8]) -> Vec<(Range<usize>, Range<usize>)> {
+    let word = |at: usize| {
+        buf.get(at..at.checked_add(4)?)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(|b| u32::from_le_bytes(b) as usize)
+    };
+    let Some(n) = word(0) else {
+        return Vec::new();
+    };
+    let mut out = Vec::with_capacity(n.min(64));
+    let Some(mut p) = n.checked_mul(8).and_then(|x| x.checked_add(4)) else {
+        return out;
+    };
+    for i in 0..n {
+        let at = 4 + i * 8;
+        let (Some(kl), Some(vl)) = (word(at), word(at + 4)) else {
+            break;
+        };
+        let k = p..p.saturating_add(kl);
+        let v = k.end.saturating_add(1)..k.end.saturating_add(1).saturating_add(vl);
+        if v.end > buf.len() {
+            break;
+        }
+        p = v.end + 1;
+        out.push((k, v));
+    }
+    out
 }
 
 /// The filter-state entry (`set_property` name; Envoy stores it as `wasm.<name>`) that carries
