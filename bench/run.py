@@ -1310,7 +1310,12 @@ def run(args: argparse.Namespace) -> int:
             emit(sec)
 
         md.append(f"_Total run time {(time.monotonic() - started) / 60:.1f} min._")
-        RESULTS.write_text("\n".join(md) + "\n")
+        if args.append and RESULTS.exists():
+            # a further pass of some sections, kept after the results it adds to
+            md[0] = "# Further pass"
+            RESULTS.write_text(RESULTS.read_text().rstrip("\n") + "\n\n" + "\n".join(md) + "\n")
+        else:
+            RESULTS.write_text("\n".join(md) + "\n")
         log(f"wrote {RESULTS.relative_to(REPO)} ({(time.monotonic() - started) / 60:.1f} min)")
         return 0
     finally:
@@ -1363,6 +1368,8 @@ def main() -> int:
     p.add_argument("--variant", action="append", default=[], metavar="NAME=WASM",
                    help="also measure D with another build of the module (section 1), e.g. "
                         "--variant base=/tmp/keygate-before.wasm, to compare a change side by side")
+    p.add_argument("--append", action="store_true",
+                   help="append this run's sections to bench/results.md instead of replacing it")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 round of 3 s, 1 s warm-up")
     args = p.parse_args()
     if args.quick:
