@@ -126,10 +126,16 @@ bench: deps build
 	$(CARGO) bench -p keygate-core --bench shared_memory
 	$(MAKE) bench-envoy
 
-# keygate in real Envoy under load next to router-only, Envoy's native api_key_auth +
-# local_ratelimit and an empty wasm filter; key-list load time, RSS and a 1M-key swap under load.
-# Writes bench/results.md (about 15 minutes; BENCH_ARGS=--quick for a smoke run). Needs wrk,
-# installed here with apt-get when missing.
+# keygate in real Envoy under load (issue 13's method): bench/run.py re-runs itself in a session of
+# its own at autogroup nice -20; Envoy --concurrency 1 on CPU 0, wrk -t1 -c32 on CPU 1, a
+# direct_response route on the proxy (no upstream hop); router-only (A), Envoy's native
+# api_key_auth + local_ratelimit (B), an empty wasm filter (C), a trivial key filter (T, bench/trivial),
+# keygate with 1k (D) and 1M keys (E) interleaved round by round, medians of per-round ratios; the
+# attribution by feature, a perf profile of Envoy (host side vs in the VM), the in-filter phases,
+# key-list load time and RSS, and a 1M-key swap under load. Writes bench/results.md (about 25
+# minutes; BENCH_ARGS=--quick for a smoke run, BENCH_ARGS="--variant old=PATH.wasm" to put another
+# build of the module beside D). Needs wrk (installed here with apt-get when missing) and perf for
+# section 1d (skipped without it).
 BENCH_ARGS ?=
 bench-envoy: py-deps wasm
 	@command -v wrk >/dev/null 2>&1 || { \

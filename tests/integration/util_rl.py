@@ -70,7 +70,7 @@ class Stack:
 
 
 def start_stack(cfg: dict, doc: dict, concurrency: int = 2, probe_ip: str = "127.0.0.1",
-                attempts: int = 3) -> Stack:
+                attempts: int = 3, envoy_kw: dict | None = None) -> Stack:
     """Echo + key service (serving `doc`) + Envoy with keygate configured by `cfg`; returns once
     the filter has loaded the list on every worker (key-less requests stop answering 503
     `unavailable`; workers pick the list up a few hundred ms apart, so this waits for a stable run).
@@ -83,7 +83,7 @@ def start_stack(cfg: dict, doc: dict, concurrency: int = 2, probe_ip: str = "127
         echo = EchoServer().start()
         ks = KeyService(copy.deepcopy(doc)).start()
         try:
-            env = harness.start_envoy(cfg, ks.port, echo.port, concurrency=concurrency)
+            env = harness.start_envoy(cfg, ks.port, echo.port, concurrency=concurrency, **(envoy_kw or {}))
         except Exception as e:  # noqa: BLE001 - EnvoyStartError, or a self-connected /ready poll
             echo.stop()
             ks.stop()

@@ -848,8 +848,9 @@ pub fn run(a: &TestArgs) -> Result<(), Failure> {
 
     let mut list = ListState::from_meta(publish::read_meta(&store).as_ref(), &source_id);
     let source = a.ip;
+    let header_refs = decision::header_refs(&headers);
     let req = decision::Request {
-        headers: &headers,
+        headers: &header_refs,
         source: &move || source,
     };
     let outcome = decision::decide(&cfg, &mut list, &store, &req, now);

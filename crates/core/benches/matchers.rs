@@ -120,8 +120,9 @@ fn per_request(c: &mut Criterion) {
             format!("Bearer {}", common::key(500)).into_bytes(),
         ),
     ];
+    let header_refs = decision::header_refs(&headers);
     let req = Request {
-        headers: &headers,
+        headers: &header_refs,
         source: &|| Some([127, 0, 0, 2].into()),
     };
     c.bench_function("whole decision (realistic config, in-memory store)", |b| {

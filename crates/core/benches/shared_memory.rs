@@ -60,7 +60,7 @@ fn main() {
             &mut state,
             &store,
             &Request {
-                headers: &headers,
+                headers: &decision::header_refs(&headers),
                 source: &move || Some(ip),
             },
             now,

@@ -87,6 +87,21 @@ pub enum SiteSource {
     Header(String),
 }
 
+/// Who makes the request-header edits of SPEC §3 steps 1 and 13 (`upstream.edits`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Edits {
+    /// `"filter"` (the default, SPEC's behaviour on every host): keygate removes the credential
+    /// and client-sent identity headers and sets the identity headers itself.
+    Filter,
+    /// `"envoy_route"` (opt-in, Envoy only): keygate records the key's id and owner in the
+    /// stream's filter state (`wasm.keygate_key_id`, `wasm.keygate_owner`) and leaves the
+    /// headers alone; the route removes the credential and identity headers
+    /// (`request_headers_to_remove`) and adds the identity from the filter state
+    /// (`request_headers_to_add` with `%FILTER_STATE(wasm.keygate_key_id:PLAIN)%`). A query
+    /// credential is still taken out of `:path` by keygate. See envoy/README.md.
+    EnvoyRoute,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HeaderStyle {
     XRateLimit,
@@ -123,6 +138,8 @@ pub struct Config {
     pub strip_credential: bool,
     pub key_id_header: Option<String>,
     pub owner_header: Option<String>,
+    /// Who edits the request headers (`upstream.edits`).
+    pub edits: Edits,
     /// How each class answers (SPEC §4 defaults with `errors` merged over them).
     pub responses: Responses,
     pub whoami: Option<Whoami>,
@@ -254,6 +271,8 @@ struct RawUpstream {
     key_id_header: Option<Option<String>>,
     #[serde(default = "absent", deserialize_with = "present")]
     owner_header: Option<Option<String>>,
+    #[serde(default)]
+    edits: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -557,6 +576,15 @@ fn compile(raw: RawConfig) -> Result<Config, String> {
         l.validate().map_err(|e| format!("invalid_key_limit.{e}"))?;
     }
 
+    let edits = match raw.upstream.as_ref().and_then(|u| u.edits.as_deref()) {
+        None | Some("filter") => Edits::Filter,
+        Some("envoy_route") => Edits::EnvoyRoute,
+        Some(other) => {
+            return Err(format!(
+                "upstream.edits: {other:?} is not one of \"filter\", \"envoy_route\""
+            ))
+        }
+    };
     let (strip_credential, key_id_header, owner_header) = match raw.upstream {
         None => (
             true,
@@ -664,6 +692,7 @@ fn compile(raw: RawConfig) -> Result<Config, String> {
         strip_credential,
         key_id_header,
         owner_header,
+        edits,
         responses,
         whoami,
     })
@@ -672,6 +701,26 @@ fn compile(raw: RawConfig) -> Result<Config, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upstream_edits_default_to_the_filter_and_accept_envoy_route() {
+        let parse_edits = |v: &str| {
+            parse(
+                format!(
+                    r#"{{"key_list":{{"cluster":"k","path":"/"}},"upstream":{{"edits":{v}}}}}"#
+                )
+                .as_bytes(),
+            )
+            .map(|c| c.edits)
+        };
+        assert_eq!(parse_edits(r#""filter""#), Ok(Edits::Filter));
+        assert_eq!(parse_edits(r#""envoy_route""#), Ok(Edits::EnvoyRoute));
+        let err = parse_edits(r#""route""#).err().unwrap_or_default();
+        assert!(
+            err.contains("upstream.edits") && err.contains("\"route\""),
+            "{err}"
+        );
+    }
 
     const MINIMAL: &str = r#"{"key_list":{"cluster":"keyservice","path":"/v1/keys"}}"#;
 
@@ -761,6 +810,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.key_id_header, None);
         assert_eq!(c.owner_header.as_deref(), Some("x-org"));
+        assert_eq!(c.edits, Edits::Filter);
         assert!(c.strip_credential);
     }
 

@@ -84,7 +84,7 @@ impl Outcome {
     /// removed and replaced names dropped, new values and the new `:path` added.
     pub fn edited_headers<'a>(
         &'a self,
-        headers: &'a [(String, Vec<u8>)],
+        headers: &'a [(&'a str, &'a [u8])],
     ) -> Vec<(&'a str, &'a [u8])> {
         let replaced = |name: &str| {
             self.remove_headers.iter().any(|h| h == name)
@@ -94,7 +94,7 @@ impl Outcome {
         let mut out: Vec<(&str, &[u8])> = headers
             .iter()
             .filter(|(k, _)| !replaced(k))
-            .map(|(k, v)| (k.as_str(), v.as_slice()))
+            .copied()
             .collect();
         if let Some(path) = &self.new_path {
             out.push((":path", path.as_bytes()));
@@ -118,11 +118,20 @@ impl Outcome {
     }
 }
 
+/// Borrowed `(name, value)` pairs of owned headers, for a `Request`.
+pub fn header_refs(headers: &[(String, Vec<u8>)]) -> Vec<(&str, &[u8])> {
+    headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_slice()))
+        .collect()
+}
+
 /// The request as the host hands it over: all headers (pseudo-headers included, names
 /// lowercase, values as raw bytes) and the connection's source address, asked for only when a
 /// rule needs the client IP (in a filter it is a host call that returns data, one of the dear ones).
 pub struct Request<'a> {
-    pub headers: &'a [(String, Vec<u8>)],
+    /// Borrowed from wherever the host's copy lives (in the filter: one buffer, parsed in place).
+    pub headers: &'a [(&'a str, &'a [u8])],
     pub source: &'a dyn Fn() -> Option<IpAddr>,
 }
 
@@ -130,8 +139,8 @@ impl<'a> Request<'a> {
     pub fn header(&self, name: &str) -> Option<&'a [u8]> {
         self.headers
             .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_slice())
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| *v)
     }
 
     fn header_str(&self, name: &str) -> &'a str {
@@ -143,9 +152,9 @@ impl<'a> Request<'a> {
     /// Every value of a header joined with commas, as HTTP allows for list headers (XFF).
     fn joined(&self, name: &str) -> Option<Vec<u8>> {
         let mut out: Option<Vec<u8>> = None;
-        for (_, v) in self.headers.iter().filter(|(k, _)| k == name) {
+        for (_, v) in self.headers.iter().filter(|(k, _)| *k == name) {
             match &mut out {
-                None => out = Some(v.clone()),
+                None => out = Some(v.to_vec()),
                 Some(o) => {
                     o.push(b',');
                     o.extend_from_slice(v);
@@ -322,7 +331,7 @@ pub fn decide_cached(
 ) -> Outcome {
     let method = req.header_str(":method");
     let (raw_path, query) = path::split_query(req.header_str(":path"));
-    let norm_path = path::normalize(raw_path);
+    let norm_path = path::normalize_cow(raw_path);
     let credential = credential::find(&cfg.credentials, |n| req.header(n), query);
 
     // 2. Client IP and the global lists, before anything else (exempt requests included).
@@ -587,8 +596,9 @@ mod tests {
         .iter()
         .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
         .collect();
+        let refs = header_refs(&headers);
         let out: Vec<(&str, &str)> = o
-            .edited_headers(&headers)
+            .edited_headers(&refs)
             .into_iter()
             .map(|(k, v)| (k, std::str::from_utf8(v).unwrap()))
             .collect();
@@ -651,7 +661,7 @@ mod tests {
                 list,
                 &store,
                 &Request {
-                    headers: &h,
+                    headers: &header_refs(&h),
                     source: &|| None,
                 },
                 100,
@@ -685,8 +695,9 @@ mod tests {
         let mut list = ListState::from_meta(publish::read_meta(&store).as_ref(), &source);
         let mut cache = BucketCache::default();
         let h = request("GET", "/x", "minds_abc");
+        let hr = header_refs(&h);
         let req = Request {
-            headers: &h,
+            headers: &hr,
             source: &|| None,
         };
         let run = |list: &mut ListState, cache: &mut BucketCache| {
@@ -735,8 +746,9 @@ mod tests {
                 publish::read_meta(&store).as_ref(),
                 &cfg.key_list.source_id(),
             );
+            let hr = header_refs(&h);
             let req = Request {
-                headers: &h,
+                headers: &hr,
                 source: &source,
             };
             decide(cfg, &mut list, &store, &req, 100).kind

@@ -5,6 +5,8 @@
 //! treats as the same resource (`/swagger/../admin`, `/%61dmin`, `//admin`, `\admin`) cannot slip
 //! past a rule. The raw path is what goes upstream; only credential stripping rewrites it.
 
+use std::borrow::Cow;
+
 /// Splits Envoy's `:path` into path and query at the first `?`. A `#fragment` (clients should
 /// not send one, but nothing stops them) is dropped first, so a `?` inside it is not a query.
 pub fn split_query(raw: &str) -> (&str, Option<&str>) {
@@ -117,6 +119,34 @@ pub fn normalize(path: &str) -> String {
     String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
+/// `normalize`, without allocating when `path` is already in normal form (the usual request:
+/// rooted, no `%`, `\\` or `;`, no empty, `.` or `..` segment but a final empty one).
+pub fn normalize_cow(path: &str) -> Cow<'_, str> {
+    if is_normal(path) {
+        Cow::Borrowed(path)
+    } else {
+        Cow::Owned(normalize(path))
+    }
+}
+
+/// True when `normalize(path) == path` is known without running it.
+fn is_normal(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    if rest.bytes().any(|c| matches!(c, b'%' | b'\\' | b';')) {
+        return false;
+    }
+    let mut segments = rest.split('/').peekable();
+    while let Some(seg) = segments.next() {
+        let last = segments.peek().is_none();
+        if seg == "." || seg == ".." || (seg.is_empty() && !last) {
+            return false;
+        }
+    }
+    true
+}
+
 /// Whole-segment prefix match on normalised paths: `/swagger` matches `/swagger`, `/swagger/`
 /// and `/swagger/ui` but not `/swaggerx`. Trailing slashes on the prefix do not matter (`/api/`
 /// also matches `/api`), and `/` matches every path.
@@ -227,6 +257,24 @@ pub fn remove_query_param(raw_path: &str, name: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::borrow::Cow;
+
+    #[test]
+    fn normal_paths_are_borrowed_and_others_normalised() {
+        for p in ["/", "/v1/svc9/items/42", "/a/", "/a.b/c..d/.e"] {
+            assert!(
+                matches!(normalize_cow(p), Cow::Borrowed(x) if x == p),
+                "{p}"
+            );
+        }
+        for p in [
+            "", "a", "//a", "/a/./b", "/a/../b", "/a/..", "/a/.", "/%61", "/a\\b", "/a;x/b", "/a//",
+        ] {
+            assert!(matches!(normalize_cow(p), Cow::Owned(_)), "{p}");
+            assert_eq!(normalize_cow(p), normalize(p), "{p}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -45,6 +45,12 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
     #[test]
+    fn normalize_cow_equals_normalize(p in path_like()) {
+        let cow = path::normalize_cow(&p).into_owned();
+        prop_assert_eq!(cow, path::normalize(&p));
+    }
+
+    #[test]
     fn normalize_is_idempotent_and_rooted(p in path_like()) {
         let once = path::normalize(&p);
         prop_assert!(once.starts_with('/'));

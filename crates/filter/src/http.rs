@@ -7,6 +7,7 @@ use super::nginx;
 use super::phase;
 use super::vm::Shared;
 use keygate_core::client_ip;
+use keygate_core::config::{Config, Edits};
 use keygate_core::decision::{self, Request};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
@@ -32,11 +33,12 @@ impl Context for Http {}
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let s = &self.shared;
-        let mut headers = timed!(phase::READ_HEADERS, self.get_http_request_headers_bytes());
+        let mut owned = timed!(phase::READ_HEADERS, self.get_http_request_headers_bytes());
         // nginx hands over header names as the client wrote them; Envoy's are lowercase already.
-        for (k, _) in headers.iter_mut() {
-            k.make_ascii_lowercase();
+        for (name, _) in owned.iter_mut() {
+            name.make_ascii_lowercase();
         }
+        let headers = decision::header_refs(&owned);
         let source = || {
             timed!(
                 phase::SOURCE,
@@ -99,11 +101,25 @@ impl HttpContext for Http {
         // One call per edit: a call that returns nothing is far cheaper than reading the whole
         // map back and replacing it (which makes the host allocate inside the VM).
         timed!(phase::WRITE_HEADERS, {
-            for name in &outcome.remove_headers {
-                self.set_http_request_header(name, None);
-            }
-            for (name, value) in &outcome.set_headers {
-                self.set_http_request_header(name, Some(value));
+            match s.config.edits {
+                Edits::Filter => {
+                    for name in &outcome.remove_headers {
+                        self.set_http_request_header(name, None);
+                    }
+                    for (name, value) in &outcome.set_headers {
+                        self.set_http_request_header(name, Some(value));
+                    }
+                }
+                // The route removes the credential and identity headers and adds the identity
+                // from the filter state: no request-header edit from here (each one makes Envoy
+                // clear the stream's route cache), one property per identity value.
+                Edits::EnvoyRoute => {
+                    for (name, value) in &outcome.set_headers {
+                        if let Some(state) = filter_state_name(&s.config, name) {
+                            let _ = hostcalls::set_property(vec![state], Some(value.as_bytes()));
+                        }
+                    }
+                }
             }
             if let Some(path) = &outcome.new_path {
                 self.set_http_request_header(":path", Some(path));
@@ -118,6 +134,18 @@ impl HttpContext for Http {
         let add = std::mem::take(&mut self.response_headers);
         timed!(phase::RESPONSE_HEADERS, self.add_response_headers(add));
         Action::Continue
+    }
+}
+
+/// The filter-state entry (`set_property` name; Envoy stores it as `wasm.<name>`) that carries
+/// an identity header's value in `upstream.edits: "envoy_route"`.
+fn filter_state_name(cfg: &Config, header: &str) -> Option<&'static str> {
+    if cfg.key_id_header.as_deref() == Some(header) {
+        Some("keygate_key_id")
+    } else if cfg.owner_header.as_deref() == Some(header) {
+        Some("keygate_owner")
+    } else {
+        None
     }
 }
 

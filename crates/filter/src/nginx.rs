@@ -28,7 +28,7 @@ fn property(path: &[&str]) -> Option<Vec<u8>> {
     hostcalls::get_property(path.to_vec()).ok().flatten()
 }
 
-pub fn apply(cfg: &Config, headers: &[(String, Vec<u8>)], outcome: &Outcome) {
+pub fn apply(cfg: &Config, headers: &[(&str, &[u8])], outcome: &Outcome) {
     // Setting an undeclared variable traps the VM: only write them when the config declares them.
     let vars = property(&["ngx", "keygate_key_id"]).is_some();
     for (name, value) in &outcome.set_headers {
@@ -52,7 +52,7 @@ pub fn apply(cfg: &Config, headers: &[(String, Vec<u8>)], outcome: &Outcome) {
             Some(name) == cfg.key_id_header.as_ref() || Some(name) == cfg.owner_header.as_ref();
         // Blank it only when sent once: replacing a repeated header zeroes the later copies,
         // which nginx then forwards anyway (the config's proxy_set_header drops them all).
-        let copies = headers.iter().filter(|(k, _)| k == name).count();
+        let copies = headers.iter().filter(|(k, _)| *k == name.as_str()).count();
         if !identity && copies == 1 {
             let _ = hostcalls::set_map_value(
                 proxy_wasm::types::MapType::HttpRequestHeaders,

@@ -131,8 +131,9 @@ impl Gate {
 
     pub fn run_at(&mut self, r: &Req, now: u64) -> Outcome {
         let source = r.source;
+        let headers = keygate_core::decision::header_refs(&r.headers);
         let req = keygate_core::decision::Request {
-            headers: &r.headers,
+            headers: &headers,
             source: &move || source,
         };
         decide(&self.cfg, &mut self.list, &self.store, &req, now)
