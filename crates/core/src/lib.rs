@@ -10,6 +10,7 @@ pub mod credential;
 pub mod decision;
 pub mod dictionary;
 pub mod ipset;
+pub mod json;
 pub mod keylist;
 pub mod path;
 pub mod ratelimit;
