@@ -391,6 +391,74 @@ fn method(field: &str, m: &str) -> Result<String, DocError> {
     Ok(m.to_ascii_uppercase())
 }
 
+/// `s` as an RFC 9110 quoted-string, with what a header value cannot hold (controls, non-ASCII)
+/// percent-encoded.
+fn quoted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for b in s.bytes() {
+        match b {
+            b'"' | b'\\' => {
+                out.push('\\');
+                out.push(char::from(b));
+            }
+            0x20..=0x7e => out.push(char::from(b)),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Whether `s` is an RFC 9110 token (a valid auth-scheme).
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// The `WWW-Authenticate` value of a 401 class (SPEC §4, RFC 9110 §11.6.1): one challenge per
+/// credential source, in order, comma-separated in one field.
+///
+/// - `authorization` with a scheme: that scheme (`Bearer realm="keygate"`); for Bearer, invalid
+///   and expired keys add RFC 6750 §3.1 `error="invalid_token"` (a missing key adds no error).
+/// - any other header, or `authorization` without a scheme: `ApiKey realm="keygate",
+///   header="<name>"` (and `scheme="<scheme>"` when the value is `<scheme> <key>`).
+/// - a query parameter: `ApiKey realm="keygate", query="<name>"`.
+pub fn challenge(sources: &[CredentialSource], class: Class) -> String {
+    let error = !matches!(class, Class::MissingKey);
+    let mut out: Vec<String> = Vec::with_capacity(sources.len());
+    for source in sources {
+        let c = match source {
+            CredentialSource::Header {
+                name,
+                scheme: Some(scheme),
+            } if name == "authorization" && is_token(scheme) => {
+                if scheme.eq_ignore_ascii_case("bearer") && error {
+                    format!(r#"{scheme} realm="keygate", error="invalid_token""#)
+                } else {
+                    format!(r#"{scheme} realm="keygate""#)
+                }
+            }
+            CredentialSource::Header { name, scheme } => {
+                let mut c = format!(r#"ApiKey realm="keygate", header={}"#, quoted(name));
+                if let Some(s) = scheme {
+                    c.push_str(", scheme=");
+                    c.push_str(&quoted(s));
+                }
+                c
+            }
+            CredentialSource::Query { name } => {
+                format!(r#"ApiKey realm="keygate", query={}"#, quoted(name))
+            }
+        };
+        if !out.contains(&c) {
+            out.push(c);
+        }
+    }
+    out.join(", ")
+}
+
 /// A JSON error named by the path of the field it is about; a syntax error has no such field.
 pub(crate) fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> DocError {
     let path = e.path().to_string();
@@ -693,6 +761,23 @@ fn compile(raw: RawConfig) -> Result<Config, DocError> {
             let hf = format!("{field}.headers.{k}");
             r.headers
                 .push((header_name(&hf, &k)?, header_value(&hf, &v)?));
+        }
+    }
+
+    // SPEC §4: 401 answers carry a challenge (RFC 9110 §11.6.1), derived once here from the
+    // credential sources, unless the class's override names `www-authenticate` itself (an
+    // empty value there sends none).
+    for class in [Class::MissingKey, Class::InvalidKey, Class::ExpiredKey] {
+        let r = responses.get_mut(class);
+        match r.headers.iter().position(|(k, _)| k == "www-authenticate") {
+            Some(at) => {
+                if r.headers.get(at).is_some_and(|(_, v)| v.is_empty()) {
+                    r.headers.remove(at);
+                }
+            }
+            None => r
+                .headers
+                .push(("www-authenticate".into(), challenge(&credentials, class))),
         }
     }
 

@@ -9,6 +9,7 @@ pub mod config;
 pub mod credential;
 pub mod decision;
 pub mod dictionary;
+pub mod fuzzing;
 pub mod ipset;
 pub mod json;
 pub mod keylist;

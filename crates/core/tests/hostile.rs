@@ -409,3 +409,356 @@ fn the_configuration_rejects_trailing_data_and_repeated_members() {
         cfg_err(&json, needles);
     }
 }
+
+// ---- decisions: a small gate over the in-memory store -----------------------------------------
+
+mod gate {
+    use keygate_core::config::{self, Config};
+    use keygate_core::decision::{decide, ListState, Outcome, Request};
+    use keygate_core::shared::{self, MemoryStore, Publisher};
+    use sha2::{Digest, Sha256};
+    use std::net::IpAddr;
+
+    pub const NOW: u64 = 1_800_057_610;
+
+    pub fn hex(s: &str) -> String {
+        Sha256::digest(s.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    pub struct Gate {
+        pub cfg: Config,
+        store: MemoryStore,
+        list: ListState,
+    }
+
+    impl Gate {
+        /// `cfg_extra` is spliced into a configuration with the `keyservice` key list; `keys`
+        /// are `(id, plaintext, extra JSON members)`.
+        pub fn new(cfg_extra: &str, keys: &[(&str, &str, &str)]) -> Gate {
+            let cfg = config::parse(
+                format!(
+                    r#"{{"key_list":{{"cluster":"keyservice","path":"/v1/keys"}}{cfg_extra}}}"#
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+            let keys: Vec<String> = keys
+                .iter()
+                .map(|(id, k, extra)| {
+                    format!(r#"{{"id":"{id}","hash":"{}","owner":"o"{extra}}}"#, hex(k))
+                })
+                .collect();
+            let list = keygate_core::keylist::parse(
+                format!(r#"{{"keys":[{}]}}"#, keys.join(",")).as_bytes(),
+            )
+            .unwrap();
+            let store = MemoryStore::default();
+            shared::ensure_counter_slots(&store);
+            Publisher::default().publish(&store, &list, None, &cfg.key_list.source_id(), NOW);
+            let list = ListState::from_meta(
+                shared::read_meta(&store).as_ref(),
+                &cfg.key_list.source_id(),
+            );
+            Gate { cfg, store, list }
+        }
+
+        pub fn run(&mut self, method: &str, path: &str, headers: &[(&str, &str)]) -> Outcome {
+            let mut h: Vec<(String, Vec<u8>)> = vec![
+                (":method".into(), method.as_bytes().to_vec()),
+                (":path".into(), path.as_bytes().to_vec()),
+            ];
+            h.extend(
+                headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())),
+            );
+            let source = || Some(IpAddr::from([127, 0, 0, 1]));
+            let req = Request {
+                headers: &h,
+                source: &source,
+            };
+            decide(&self.cfg, &mut self.list, &self.store, &req, NOW)
+        }
+    }
+}
+
+use gate::Gate;
+use keygate_core::decision::Kind;
+use keygate_core::response::Class;
+
+fn header<'a>(o: &'a keygate_core::decision::Outcome, name: &str) -> Option<&'a str> {
+    o.reply
+        .as_ref()?
+        .headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+// ---- path parameters --------------------------------------------------------------------------
+
+#[test]
+fn path_parameters_cannot_move_a_request_under_an_exempt_prefix() {
+    let mut g = Gate::new(
+        r#","exempt":[{"path_prefix":"/public"}],"routes":[{"path_prefix":"/admin","scope":"admin"}],"site":{"path_segment":2}"#,
+        &[
+            ("user", "ak_user", r#","scopes":["read"]"#),
+            ("adm", "ak_admin", r#","scopes":["admin"]"#),
+        ],
+    );
+    for p in [
+        "/public/..;/admin/users",
+        "/public/..;x=1/admin/users",
+        "/public/..;/..;/admin",
+        "/public;a/..;b/admin;c/users",
+        "/public/.;/..;/admin",
+        "/public\\..;\\admin",
+        "/public/%2e%2e;/admin",
+        "/public/..;/admin?x=/public",
+    ] {
+        assert_eq!(
+            g.run("GET", p, &[]).kind,
+            Kind::Refused(Class::MissingKey),
+            "{p}"
+        );
+        assert_eq!(
+            g.run("GET", p, &[("x-api-key", "ak_user")]).kind,
+            Kind::Refused(Class::Forbidden),
+            "{p}"
+        );
+        assert_eq!(
+            g.run("GET", p, &[("x-api-key", "ak_admin")]).kind,
+            Kind::Allowed,
+            "{p}"
+        );
+    }
+    // Parameters on an exempt path do not stop it being exempt; `%3B` is no delimiter.
+    assert_eq!(
+        g.run("GET", "/public;jsessionid=1/doc", &[]).kind,
+        Kind::Exempt
+    );
+    assert_eq!(
+        g.run("GET", "/admin;x/users", &[("x-api-key", "ak_user")])
+            .kind,
+        Kind::Refused(Class::Forbidden)
+    );
+    assert_eq!(
+        g.run("GET", "/public%3B/../admin", &[]).kind,
+        Kind::Refused(Class::MissingKey)
+    );
+    assert_eq!(
+        g.run("GET", "/public%3B/x", &[]).kind,
+        Kind::Refused(Class::MissingKey)
+    );
+}
+
+// ---- ambiguous credentials --------------------------------------------------------------------
+
+#[test]
+fn a_credential_given_more_than_once_is_an_invalid_key_whatever_the_order() {
+    let mut g = Gate::new(
+        r#","credentials":[{"header":"x-api-key"},{"header":"authorization","scheme":"Bearer"},{"query":"api_key"}]"#,
+        &[("k1", "ak_good", ""), ("k2", "ak_other", "")],
+    );
+    let invalid = Kind::Refused(Class::InvalidKey);
+    for headers in [
+        &[("x-api-key", "ak_good"), ("x-api-key", "bogus")][..],
+        &[("x-api-key", "bogus"), ("x-api-key", "ak_good")],
+        &[("x-api-key", "ak_good"), ("x-api-key", "ak_good")],
+        &[("x-api-key", "ak_good"), ("x-api-key", "ak_other")],
+        &[("x-api-key", "ak_good"), ("x-api-key", "")],
+        &[("x-api-key", "ak_good, bogus")],
+        &[("x-api-key", "bogus,ak_good")],
+        &[("x-api-key", "ak_good,")],
+        &[
+            ("authorization", "Bearer ak_good"),
+            ("authorization", "Bearer bogus"),
+        ],
+        &[("authorization", "Bearer ak_good, Bearer bogus")],
+        &[
+            ("authorization", "Basic Zm9vOmJhcg=="),
+            ("authorization", "Bearer ak_good"),
+        ],
+    ] {
+        let o = g.run("GET", "/x", headers);
+        assert_eq!(o.kind, invalid, "{headers:?}");
+        assert!(o.key_id.is_none());
+    }
+    for q in [
+        "api_key=ak_good&api_key=bogus",
+        "api_key=bogus&api_key=ak_good",
+        "api_key=ak_good&api%5Fkey=ak_good",
+        "api_key=ak_good&api_key=",
+    ] {
+        assert_eq!(g.run("GET", &format!("/x?{q}"), &[]).kind, invalid, "{q}");
+    }
+    // Once: fine. The first source present is the one that counts.
+    assert_eq!(
+        g.run("GET", "/x", &[("x-api-key", "ak_good")]).kind,
+        Kind::Allowed
+    );
+    assert_eq!(
+        g.run("GET", "/x?api_key=a&api_key=b", &[("x-api-key", "ak_good")])
+            .kind,
+        Kind::Allowed
+    );
+    assert_eq!(
+        g.run(
+            "GET",
+            "/x",
+            &[("x-api-key", "ak_good"), ("authorization", "Bearer x")]
+        )
+        .kind,
+        Kind::Allowed
+    );
+}
+
+#[test]
+fn ambiguous_credentials_count_against_the_invalid_key_limit() {
+    let mut g = Gate::new(
+        r#","invalid_key_limit":{"limit":3,"window_s":60}"#,
+        &[("k1", "ak_good", "")],
+    );
+    let twice = [("x-api-key", "ak_good"), ("x-api-key", "ak_good")];
+    for _ in 0..3 {
+        assert_eq!(
+            g.run("GET", "/x", &twice).kind,
+            Kind::Refused(Class::InvalidKey)
+        );
+    }
+    let o = g.run("GET", "/x", &twice);
+    assert_eq!(o.kind, Kind::Refused(Class::RateLimited));
+    assert!(header(&o, "retry-after").is_some());
+    assert_eq!(
+        g.run("GET", "/x", &[("x-api-key", "ak_good")]).kind,
+        Kind::Refused(Class::RateLimited)
+    );
+}
+
+// ---- `+` in a query credential ----------------------------------------------------------------
+
+#[test]
+fn a_query_credential_is_percent_decoded_only() {
+    let mut g = Gate::new(
+        r#","credentials":[{"query":"api_key"}]"#,
+        &[
+            ("plus", "ak_x+y", ""),
+            ("space", "ak_x y", ""),
+            ("pct", "ak_%41", ""),
+        ],
+    );
+    let run = |g: &mut Gate, q: &str| {
+        let o = g.run("GET", &format!("/x?{q}"), &[]);
+        (o.kind, o.key_id)
+    };
+    assert_eq!(
+        run(&mut g, "api_key=ak_x+y"),
+        (Kind::Allowed, Some("plus".into()))
+    );
+    assert_eq!(
+        run(&mut g, "api_key=ak_x%2By"),
+        (Kind::Allowed, Some("plus".into()))
+    );
+    assert_eq!(
+        run(&mut g, "api_key=ak_x%2by"),
+        (Kind::Allowed, Some("plus".into()))
+    );
+    assert_eq!(
+        run(&mut g, "api_key=ak_x%20y"),
+        (Kind::Allowed, Some("space".into()))
+    );
+    assert_eq!(
+        run(&mut g, "api_key=ak_%2541"),
+        (Kind::Allowed, Some("pct".into()))
+    );
+    assert_eq!(
+        run(&mut g, "api_key=ak_%41").0,
+        Kind::Refused(Class::InvalidKey)
+    );
+    // The parameter is stripped before going upstream, `+` and all.
+    let o = g.run("GET", "/x?a=1&api_key=ak_x+y&b=c+d", &[]);
+    assert_eq!(o.new_path.as_deref(), Some("/x?a=1&b=c+d"));
+}
+
+// ---- WWW-Authenticate -------------------------------------------------------------------------
+
+#[test]
+fn unauthorized_answers_carry_a_challenge_from_the_sources() {
+    let keys = [
+        ("k1", "ak_good", ""),
+        ("old", "ak_old", r#","status":"revoked""#),
+    ];
+    let mut g = Gate::new("", &keys);
+    let missing = g.run("GET", "/x", &[]);
+    assert_eq!(missing.kind, Kind::Refused(Class::MissingKey));
+    assert_eq!(
+        header(&missing, "www-authenticate"),
+        Some(r#"ApiKey realm="keygate", header="x-api-key", Bearer realm="keygate""#)
+    );
+    let invalid = g.run("GET", "/x", &[("x-api-key", "nope")]);
+    assert_eq!(
+        header(&invalid, "www-authenticate"),
+        Some(
+            r#"ApiKey realm="keygate", header="x-api-key", Bearer realm="keygate", error="invalid_token""#
+        )
+    );
+    let expired = g.run("GET", "/x", &[("authorization", "Bearer ak_old")]);
+    assert_eq!(expired.kind, Kind::Refused(Class::ExpiredKey));
+    assert_eq!(
+        header(&expired, "www-authenticate"),
+        header(&invalid, "www-authenticate")
+    );
+    // Not on other classes.
+    let mut g = Gate::new(r#","ip_deny":["127.0.0.0/8"]"#, &keys);
+    assert_eq!(header(&g.run("GET", "/x", &[]), "www-authenticate"), None);
+
+    let mut g = Gate::new(
+        r#","credentials":[{"query":"api_key"},{"header":"authorization","scheme":"Token"},{"header":"x-auth","scheme":"Key"}]"#,
+        &keys,
+    );
+    assert_eq!(
+        header(&g.run("GET", "/x", &[]), "www-authenticate"),
+        Some(
+            r#"ApiKey realm="keygate", query="api_key", Token realm="keygate", ApiKey realm="keygate", header="x-auth", scheme="Key""#
+        )
+    );
+}
+
+#[test]
+fn an_override_replaces_the_challenge() {
+    let keys = [("k1", "ak_good", "")];
+    let mut g = Gate::new(
+        r#","errors":{"missing_key":{"headers":{"WWW-Authenticate":"Custom realm=\"api\""}},"invalid_key":{"headers":{"www-authenticate":""}},"expired_key":{"status":403}}"#,
+        &keys,
+    );
+    let o = g.run("GET", "/x", &[]);
+    let all: Vec<_> = o
+        .reply
+        .as_ref()
+        .unwrap()
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "www-authenticate")
+        .collect();
+    assert_eq!(all.len(), 1);
+    assert_eq!(
+        header(&o, "www-authenticate"),
+        Some(r#"Custom realm="api""#)
+    );
+    assert_eq!(
+        header(
+            &g.run("GET", "/x", &[("x-api-key", "x")]),
+            "www-authenticate"
+        ),
+        None
+    );
+    assert!(g
+        .cfg
+        .response(Class::ExpiredKey)
+        .headers
+        .iter()
+        .any(|(k, _)| k == "www-authenticate"));
+}
