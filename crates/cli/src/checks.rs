@@ -93,6 +93,11 @@ impl Issue {
         }
     }
 
+    /// A configuration or key-list error of the core, path and message as it gives them.
+    pub fn from_doc(e: &keygate_core::json::DocError) -> Issue {
+        Issue::new(e.path.clone(), e.message.clone())
+    }
+
     /// Splits a core message `path: message` (a JSON path has no spaces).
     pub fn from_core(text: &str) -> Issue {
         if let Some((path, rest)) = text.split_once(": ") {
@@ -135,7 +140,7 @@ pub fn check_config(a: &CheckConfigArgs) -> Result<(), Failure> {
     let mut warnings: Vec<(String, Issue)> = Vec::new();
     for f in &found {
         match keygate_core::config::parse(&f.json) {
-            Err(e) => errors.push((f.location.clone(), Issue::from_core(&e))),
+            Err(e) => errors.push((f.location.clone(), Issue::from_doc(&e))),
             Ok(cfg) => {
                 for w in config_warnings(&cfg, f.value.as_ref()) {
                     warnings.push((f.location.clone(), w));
@@ -383,7 +388,9 @@ fn doc_with(head: &[(String, Json)], keys: Vec<Json>) -> Json {
 
 fn core_error(doc: &Json) -> Option<String> {
     let bytes = serde_json::to_vec(doc).ok()?;
-    keygate_core::keylist::parse(&bytes).err()
+    keygate_core::keylist::parse(&bytes)
+        .err()
+        .map(|e| e.to_string())
 }
 
 /// Adds `issue` unless the same one (positions aside) is there already.
@@ -435,8 +442,8 @@ fn per_member_errors(head: &[(String, Json)], key: &Json) -> Vec<String> {
 
 /// Every error of an invalid key list: the parser's own first error, then each key checked
 /// on its own (against the document's owners and plans) and ids and hashes across keys.
-pub fn every_keylist_error(data: &[u8], first: &str) -> Vec<Issue> {
-    let mut out = vec![Issue::from_core(first)];
+pub fn every_keylist_error(data: &[u8], first: &keygate_core::json::DocError) -> Vec<Issue> {
+    let mut out = vec![Issue::from_doc(first)];
     let Ok(Json::Object(members)) = serde_json::from_slice::<Json>(data) else {
         return out; // not JSON: nothing past the first error can be read
     };

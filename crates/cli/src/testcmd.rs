@@ -787,16 +787,7 @@ pub fn run(a: &TestArgs) -> Result<(), Failure> {
             .and_then(|(_, v)| std::str::from_utf8(v).ok())
             .unwrap_or(""),
     );
-    let credential = credential::find(
-        &cfg.credentials,
-        |n| {
-            headers
-                .iter()
-                .find(|(k, _)| k == n)
-                .map(|(_, v)| v.as_slice())
-        },
-        query,
-    );
+    let credential = credential::find(&cfg.credentials, &decision::header_refs(&headers), query);
     let xff: Option<Vec<u8>> = {
         let parts: Vec<&[u8]> = headers
             .iter()

@@ -315,8 +315,8 @@ pub fn limits(v: &Value, field: &str) -> Result<Vec<RateLimit>, ApiError> {
             &format!("{f}.window_s"),
         )?;
         if let Err(e) = (Limit { limit, window_s }).validate() {
-            let (sub, msg) = e.split_once(": ").unwrap_or(("limit", e.as_str()));
-            return Err(ApiError::bad(format!("{f}.{sub}"), msg.to_string()));
+            let sub = if e.path.is_empty() { "limit" } else { &e.path };
+            return Err(ApiError::bad(format!("{f}.{sub}"), e.message));
         }
         out.push(RateLimit { limit, window_s });
     }
@@ -884,11 +884,7 @@ const KEY_DOC_MEMBERS: &[&str] = &[
 /// would reject is rejected), then member by member for what the database keeps.
 pub fn import(body: &[u8]) -> Result<Import, ApiError> {
     if let Err(e) = keygate_core::keylist::parse(body) {
-        let field = e
-            .split_once(": ")
-            .map(|(f, _)| f)
-            .filter(|f| !f.contains(' '))
-            .map(str::to_string);
+        let field = (!e.path.is_empty()).then(|| e.path.clone());
         return Err(ApiError::BadRequest {
             field,
             message: format!("not a valid key-list document: {e}"),
