@@ -126,9 +126,13 @@ class Tally:
     limit_short: int = 0         # windows with a refusal yet fewer than `limit` allowed
     limit_windows: int = 0       # windows judged
     latencies: list = field(default_factory=list)
+    _kinds: dict = field(default_factory=dict)
 
-    def sample(self, what: str) -> None:
-        if len(self.samples) < 30:
+    def sample(self, what: str, kind: str = "") -> None:
+        """Keeps a few examples of each kind of mistake (at most 3 a kind, 40 in all)."""
+        n = self._kinds.get(kind, 0)
+        if n < 3 and len(self.samples) < 40:
+            self._kinds[kind] = n + 1
             self.samples.append(what)
 
     def snapshot(self) -> dict:
@@ -208,8 +212,10 @@ class Load:
         if not ok_any:
             t.wrong += 1
             exp_now = sorted(map(str, expect(self.oracle.current, probe.key, src, t_recv))) if cands else []
+            extra = f" body {body[:120]!r}" if outcome.startswith("status") else ""
             t.sample(f"{time.strftime('%H:%M:%S', time.localtime(t_recv))} {probe.label} from {src}: "
-                     f"got {got}, expected {exp_now} (lists considered: {len(cands)})")
+                     f"got {got}, expected {exp_now} (lists considered: {len(cands)}){extra}",
+                     kind=f"{probe.label.split(':')[0]}/{outcome}/{'/'.join(exp_now)}")
         elif not ok_newest:
             t.in_window += 1
         # exact counting per window (rate-limited keys: the answer names the window)
@@ -221,7 +227,7 @@ class Load:
                 if reset is not None and lim is not None:
                     w = self.windows[(ks.id, int(reset))]
                     w[0 if outcome == "allowed" else 1] += 1
-                    w[2] = int(lim)
+                    w[2] = ks.limit[0]  # the good list's limit, whatever the answer claims
 
     def settle_windows(self, before: float | None = None) -> None:
         """Judge the windows that have ended (before `before`, Unix s; default now - 2)."""
@@ -232,11 +238,11 @@ class Load:
             self.tally.limit_windows += 1
             if allowed > limit:
                 self.tally.limit_over += 1
-                self.tally.sample(f"key {k[0]} window ending {k[1]}: {allowed} allowed > limit {limit}")
+                self.tally.sample(f"key {k[0]} window ending {k[1]}: {allowed} allowed > limit {limit}", kind="over")
             elif refused and allowed < limit:
                 self.tally.limit_short += 1
                 self.tally.sample(f"key {k[0]} window ending {k[1]}: {allowed} allowed < limit {limit} "
-                                  f"with {refused} refused")
+                                  f"with {refused} refused", kind="short")
 
     # ---- traffic ---------------------------------------------------------------------------
     async def _conn(self, n: int, src: str, stop: asyncio.Event) -> None:
@@ -268,7 +274,7 @@ class Load:
                     reader = writer = None
             except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as e:
                 self.tally.errors += 1
-                self.tally.sample(f"transport error on connection {n} from {src}: {e!r}")
+                self.tally.sample(f"transport error on connection {n} from {src}: {e!r}", kind=f"transport/{type(e).__name__}")
                 if writer is not None:
                     writer.close()
                 reader = writer = None

@@ -190,7 +190,7 @@ def start_echo() -> tuple[subprocess.Popen, int]:
 
     for _ in range(5):
         port = harness.free_port()
-        proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "support" / "echo.py"), str(port)],
+        proc = subprocess.Popen([sys.executable, str(HERE / "echo_upstream.py"), str(port)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and proc.poll() is None:
@@ -257,7 +257,18 @@ class EnvoyStack(Stack):
         self.name = f"Envoy --concurrency {concurrency} (pid {self.pid})"
 
     def metrics(self) -> dict[str, float]:
-        return self.env.keygate_stats()
+        # The admin endpoint runs on Envoy's main thread, which is also where a large list is
+        # parsed (for seconds, with 1M keys): wait for it rather than fail.
+        import harness
+
+        for attempt in range(3):
+            try:
+                r = harness.http_request("127.0.0.1", self.env.admin_port, "GET", "/stats/prometheus", timeout=30)
+                return {k: v for k, v in harness.parse_prometheus(r.text).items() if k.startswith("keygate_")}
+            except OSError:
+                if attempt == 2:
+                    raise
+        return {}
 
     def identity(self) -> Any:
         return self.env.proc.pid if self.env.running else None
