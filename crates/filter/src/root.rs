@@ -155,7 +155,7 @@ impl RootContext for Root {
             buckets: RefCell::new(BucketCache::default()),
             // The token's high bits are the VM's place in the order of configuration.
             metrics: Metrics::define(self.loader.token() >> 24),
-            nginx: Cell::new(None),
+            host: Cell::new(None),
         }));
         self.refresh_view();
         if let Some(s) = &self.shared {
