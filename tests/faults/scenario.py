@@ -638,9 +638,13 @@ async def _one_phase(run: Run, ph: Phase, settle_s: float) -> PhaseResult:
                        load.tally.samples[s0:], ph.xfail, list(run.notes))
 
 
-def start_stack(nginx: bool = False) -> Stack:
+# HTTP/1.0 reaches the filter only when the listener accepts it (Envoy answers 426 otherwise).
+HCM_HTTP10 = {"http_protocol_options": {"accept_http_10": True, "default_host_for_http_10": "gw"}}
+
+
+def start_stack(nginx: bool = False, hcm_extra: dict | None = None) -> Stack:
     doc = good_doc(1)
-    stack: Stack = NginxStack(doc) if nginx else EnvoyStack(doc)
+    stack: Stack = NginxStack(doc) if nginx else EnvoyStack(doc, hcm_extra=hcm_extra)
     # wait for the first list on every worker
     import harness
     from harness import http_request

@@ -328,7 +328,9 @@ async def soak(args) -> int:
             if shared_end > (shared_warm or 0):
                 problems.append(f"shared entries grew after warm-up: {shared_warm:.0f} -> {shared_end:.0f}")
             for k, v in m_end.items():
-                if k.startswith("keygate_vm_memory_bytes") and v > m_warm.get(k, 0):
+                # linear memory never shrinks; a 1M-key parse may fragment the allocator by a
+                # few pages, a leak grows with every list: 2% after warm-up is the bound
+                if k.startswith("keygate_vm_memory_bytes") and v > m_warm.get(k, 0) * 1.02:
                     problems.append(f"{k} grew after warm-up: {mib(m_warm.get(k, 0))} -> {mib(v)} MiB")
         else:
             problems.append("the run ended before the warm-up did")

@@ -57,3 +57,20 @@ def test_fault_phase(fault_run, name):
 def test_same_process_no_panic_no_critical(fault_run):
     _, health, log_tail = fault_run
     assert not health, "\n".join(health) + "\n----- log tail -----\n" + log_tail
+
+
+@pytest.mark.timeout(300)
+def test_client_faults():
+    """Disconnects mid-request, headers byte by byte, pipelining, HTTP/1.0, h2c and large header
+    sets next to a judged load (tests/faults/client_faults.py; the long form is in make test-faults):
+    no wrong answer, Envoy alive with the same PID, no growth from the first round to the last."""
+    import client_faults
+
+    stack = scenario.start_stack(hcm_extra=scenario.HCM_HTTP10)
+    try:
+        c, figures, problems = asyncio.run(client_faults.run(stack, rounds=3, per_round=6))
+    finally:
+        stack.stop()
+    text = client_faults.summary(c, figures, problems, stack.name)
+    print("\n" + text)
+    assert c.checked > 100 and not problems, text
