@@ -4,6 +4,10 @@
 #                Debian packages docker-registry + skopeo (OCI round trip) and postgresql (key service tests))
 #   make build   target/wasm32-wasip1/release/keygate.wasm and target/release/keygate (operator CLI)
 #   make test    unit tests, clippy (native + wasm), rustfmt check, integration tests against real Envoy
+#                (including the short form of the faults-under-load run, tests/integration/test_faults.py)
+#   make test-faults  the long faults-under-load run (tests/faults/scenario.py --long; under nginx too
+#                when KEYGATE_NGINX is set), and the client-faults run
+#   make soak    10 minutes of load while the key list rotates every second (SOAK_S=seconds for longer)
 #   make image   target/oci/keygate: keygate.wasm as a Wasm OCI image (compat variant), and pin
 #                envoy/istio/wasmplugin.yaml to it (sha256 = manifest digest)
 #   make fuzz    each fuzz target for FUZZ_S seconds (default 600; cargo-fuzz, nightly toolchain)
@@ -166,6 +170,24 @@ integration: $(VENV_STAMP)
 .PHONY: test-nginx
 test-nginx: build $(VENV_STAMP)
 	$(VENV_PY) tests/nginx/run_nginx.py
+
+# Faults under load, long form (tests/faults/README.md): 15 s phases, two rounds, in Envoy; the
+# same phases in nginx when KEYGATE_NGINX is set (else that part prints a skip). FAULTS_ARGS are
+# passed to both runs (e.g. --phase-s 30 --rounds 4).
+.PHONY: test-faults soak
+FAULTS_ARGS ?=
+test-faults: wasm $(VENV_STAMP)
+	$(VENV_PY) tests/faults/scenario.py --long $(FAULTS_ARGS)
+	$(VENV_PY) tests/faults/scenario.py --long --nginx $(FAULTS_ARGS)
+	$(VENV_PY) tests/faults/client_faults.py
+	$(VENV_PY) tests/faults/client_faults.py --nginx
+
+# Soak (not part of `make test`): steady load while the key service rotates a ~10k-key list every
+# second, with a 1M-key list replacement every few minutes; SOAK_S seconds (default 600).
+SOAK_S ?= 600
+SOAK_ARGS ?=
+soak: wasm $(VENV_STAMP)
+	$(VENV_PY) tests/faults/soak.py --seconds $(SOAK_S) $(SOAK_ARGS)
 
 # ---------------------------------------------------------------------------------------------
 # fuzz (nightly + cargo-fuzz; fuzz/ is its own workspace). New inputs go to target/fuzz-corpus/,

@@ -14,6 +14,8 @@ In-process (pytest):
     ks.delay = 3.0              # sleep this long before answering (slow service)
     ks.body_override = b"{bad"  # answer 200 with these raw bytes instead of the document
     ks.drop = True              # close the connection without any response
+    ks.rst = True               # reset the connection (TCP RST) without any response
+    ks.truncate = True          # 200 with the full Content-Length, half the body, then a reset
     ks.etag = False             # don't send ETag / never answer 304
     ks.extra_headers = {...}    # added to every answer
     ks.reset()                  # all switches back to normal (document kept)
@@ -30,6 +32,7 @@ import argparse
 import hashlib
 import json
 import socket
+import struct
 import sys
 import threading
 import time
@@ -91,11 +94,15 @@ class _Handler(BaseHTTPRequestHandler):
             ks._requests.append(Request(self.command, self.path, headers))
             ks._cond.notify_all()
             delay, drop, status = ks.delay, ks.drop, ks.status
+            rst, truncate = ks.rst, ks.truncate
             body_override, use_etag = ks.body_override, ks.etag
             body, extra = ks._body, dict(ks.extra_headers)
             error_body, serve_path = ks.error_body, ks.path
         if delay:
             ks._stopping.wait(delay)
+        if rst:
+            self._reset()
+            return
         if drop or ks._stopping.is_set():
             self.close_connection = True
             try:
@@ -113,6 +120,18 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if body_override is not None:
             body = body_override
+        if truncate:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+            except OSError:
+                pass
+            self._reset()
+            return
         tag = etag_of(body)
         if use_etag:
             extra.setdefault("ETag", tag)
@@ -121,6 +140,15 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(304, b"", extra, content_type=None)
                 return
         self._send(200, body, extra, content_type="application/json")
+
+    def _reset(self):
+        """Abort the connection with a TCP RST (SO_LINGER 0), not an orderly FIN."""
+        self.close_connection = True
+        try:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()  # with linger 0: RST, no FIN first
+        except OSError:
+            pass
 
     def _send(self, status: int, body: bytes, extra: dict[str, str], content_type: str | None):
         self.send_response(status)
@@ -174,6 +202,8 @@ class KeyService:
         self.delay: float = 0.0
         self.body_override: bytes | None = None
         self.drop: bool = False
+        self.rst: bool = False
+        self.truncate: bool = False
         self.etag: bool = True
         self.extra_headers: dict[str, str] = {}
 

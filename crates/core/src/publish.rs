@@ -134,6 +134,31 @@ pub fn touch(store: &dyn SharedStore, now_s: u64) {
     }
 }
 
+/// How many shared-data entries keygate has written in this instance (proxy-wasm can neither
+/// list nor delete them, so this is what stays): the fixed keys, the counter tables, the
+/// dictionary slots and every bucket layout ever published (a replaced layout stays, marked
+/// moved; it is rewritten in place when a list of that size comes back). Bounded: at most
+/// 2^(MAX_BUCKET_BITS + 1) buckets whatever the history. About 25 reads, for a gauge per tick.
+pub fn shared_entries(store: &dyn SharedStore) -> u64 {
+    let present = |k: &str| u64::from(store.get(k).0.is_some());
+    let fixed = [key::META, key::LEASE, key::TOKEN_SEQ, key::SLOTS_READY]
+        .iter()
+        .map(|k| present(k))
+        .sum::<u64>();
+    let slots = if store.get(key::SLOTS_READY).0.is_some() {
+        u64::from(ratelimit::KEY_SLOTS) + u64::from(ratelimit::IP_SLOTS)
+    } else {
+        0
+    };
+    let dictionaries = present(&key::dictionary(0)) + present(&key::dictionary(1));
+    // A layout is written whole the first time, so its bucket 0 tells it is there.
+    let buckets = (record::MIN_BUCKET_BITS..=record::MAX_BUCKET_BITS)
+        .filter(|bits| store.get(&key::bucket(*bits, 0)).0.is_some())
+        .map(|bits| 1u64 << bits)
+        .sum::<u64>();
+    fixed + slots + dictionaries + buckets
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,6 +263,27 @@ mod tests {
 
         touch(&store, 999);
         assert_eq!(read_meta(&store).unwrap().fetched_at_s, 999);
+    }
+
+    #[test]
+    fn shared_entries_counts_what_was_written_and_stays_bounded() {
+        let store = MemoryStore::default();
+        crate::counters::ensure_counter_slots(&store);
+        let _ = store.set(key::LEASE, b"0:0", None);
+        assert_eq!(shared_entries(&store), store.len() as u64);
+        let mut p = Publisher::default();
+        for (round, n) in [10u32, 5000, 10, 5000, 20].into_iter().enumerate() {
+            let scope = if round % 2 == 0 { "a:*" } else { "b:*" };
+            p.publish(&store, &list(0..n, &[], scope), None, "s", round as u64);
+            assert_eq!(shared_entries(&store), store.len() as u64, "after {n} keys");
+        }
+        let after = store.len();
+        // The same sizes again: nothing new.
+        for n in [5000u32, 10] {
+            p.publish(&store, &list(0..n, &[1], "b:*"), None, "s", 9);
+        }
+        assert_eq!(store.len(), after);
+        assert_eq!(shared_entries(&store), after as u64);
     }
 
     #[test]

@@ -35,9 +35,14 @@ const FLAG_SITES: u8 = 32;
 const FLAG_SCOPES: u8 = 64;
 
 /// Buckets for `n` keys: about 16 records each, from 2^4 to 2^20 buckets.
+/// The fewest and the most bucket bits a layout has (`bucket_bits`).
+pub const MIN_BUCKET_BITS: u8 = 4;
+pub const MAX_BUCKET_BITS: u8 = 20;
+
 pub fn bucket_bits(n: usize) -> u8 {
     let want = n.div_ceil(16).max(1);
-    (usize::BITS - (want - 1).leading_zeros()).clamp(4, 20) as u8
+    (usize::BITS - (want - 1).leading_zeros()).clamp(MIN_BUCKET_BITS as u32, MAX_BUCKET_BITS as u32)
+        as u8
 }
 
 pub fn bucket_index(hash: &[u8; 32], bits: u8) -> u32 {

@@ -4,12 +4,13 @@
 //! local replies, which carry their headers already).
 
 use super::host::{now_ms, HostStore};
-use super::nginx;
+use super::nginx::{self, Host};
 use super::phase;
 use super::vm::Shared;
 use keygate_core::client_ip;
 use keygate_core::config::{Config, Edits};
-use keygate_core::decision::{self, Request};
+use keygate_core::decision::{self, Kind, Request};
+use keygate_core::response::Class;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
@@ -68,6 +69,20 @@ impl HttpContext for Http {
             )
         );
         s.list.set(list);
+        let host = match s.host.get() {
+            Some(known) => known,
+            None => {
+                let found = nginx::detect(&s.config);
+                s.host.set(Some(found));
+                found
+            }
+        };
+        if host == Host::NginxUnmapped && outcome.reply.is_none() {
+            // Fail closed: this request would reach the upstream with whatever identity
+            // headers the client sent (see `nginx::Host`).
+            outcome.kind = Kind::Refused(Class::Unavailable);
+            outcome.reply = Some(decision::refusal(&s.config, Class::Unavailable, None));
+        }
         timed!(phase::METRIC, s.metrics.decision(outcome.kind));
         if let Some(id) = &outcome.key_id {
             log::debug!("keygate: {:?} for key {id}", outcome.kind);
@@ -86,16 +101,8 @@ impl HttpContext for Http {
             }
             return Action::Pause;
         }
-        let nginx = match s.nginx.get() {
-            Some(known) => known,
-            None => {
-                let found = nginx::detect();
-                s.nginx.set(Some(found));
-                found
-            }
-        };
         self.response_headers = std::mem::take(&mut outcome.response_headers);
-        if nginx {
+        if host == Host::Nginx {
             nginx::apply(&s.config, &headers, &outcome);
             return Action::Continue;
         }

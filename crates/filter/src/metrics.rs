@@ -1,5 +1,6 @@
-//! The `keygate_*` metrics: a counter per decision, fetch outcomes and a gauge of keys loaded.
-//! None is per key or per client.
+//! The `keygate_*` metrics: a counter per decision, fetch outcomes, a gauge of keys loaded, and
+//! what only the filter can see of its own footprint (shared-data entries, each VM's linear
+//! memory), set once per tick, never per request. None is per key or per client.
 
 use keygate_core::decision::Kind;
 use keygate_core::loader::Fetch;
@@ -12,7 +13,13 @@ pub struct Metrics {
     decisions: Vec<Option<u32>>,
     fetches: Vec<Option<u32>>,
     keys_loaded: Option<u32>,
+    shared_entries: Option<u32>,
+    vm_memory: Option<u32>,
 }
+
+/// Per VM: `keygate_vm_memory_bytes.vm<N>` (Prometheus: `keygate_vm_memory_bytes_vm<N>`), N the
+/// VM's ordinal in the instance (1, 2, …: the order in which the VMs were configured).
+const VM_MEMORY: &str = "keygate_vm_memory_bytes";
 
 const DECISIONS: [&str; 11] = [
     "keygate_allowed",
@@ -40,7 +47,8 @@ fn define(kind: MetricType, name: &str) -> Option<u32> {
 }
 
 impl Metrics {
-    pub fn define() -> Metrics {
+    /// `vm`: this VM's ordinal, for the per-VM gauge.
+    pub fn define(vm: u64) -> Metrics {
         Metrics {
             decisions: DECISIONS
                 .iter()
@@ -51,6 +59,8 @@ impl Metrics {
                 .map(|n| define(MetricType::Counter, n))
                 .collect(),
             keys_loaded: define(MetricType::Gauge, "keygate_keys_loaded"),
+            shared_entries: define(MetricType::Gauge, "keygate_shared_entries"),
+            vm_memory: define(MetricType::Gauge, &format!("{VM_MEMORY}.vm{vm}")),
         }
     }
 
@@ -82,7 +92,22 @@ impl Metrics {
     }
 
     pub fn keys_loaded(&self, n: u64) {
-        if let Some(id) = self.keys_loaded {
+        Self::set(self.keys_loaded, n);
+    }
+
+    /// Set by the instance's fetcher each tick (`publish::shared_entries`).
+    pub fn shared_entries(&self, n: u64) {
+        Self::set(self.shared_entries, n);
+    }
+
+    /// This VM's linear memory in bytes (it only ever grows).
+    pub fn vm_memory(&self) {
+        let pages = core::arch::wasm32::memory_size(0) as u64;
+        Self::set(self.vm_memory, pages.saturating_mul(65_536));
+    }
+
+    fn set(id: Option<u32>, n: u64) {
+        if let Some(id) = id {
             let _ = hostcalls::record_metric(id, n);
         }
     }

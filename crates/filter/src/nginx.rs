@@ -10,18 +10,38 @@ use keygate_core::config::Config;
 use keygate_core::decision::Outcome;
 use proxy_wasm::hostcalls;
 
-/// Whether this VM runs in nginx: ngx_wasm_module answers the `ngx.*` properties. Says once
-/// what the configuration lacks for the identity to reach the upstream.
-pub fn detect() -> bool {
-    let nginx = property(&["ngx", "nginx_version"]).is_some();
-    if nginx && property(&["ngx", "keygate_key_id"]).is_none() {
-        log::warn!(
-            "keygate: nginx without `set $keygate_key_id \"\"; set $keygate_key_owner \"\";` at \
-             server level: identity headers are set directly, and client-sent copies may reach \
-             the upstream (see envoy/examples/nginx/README.md)"
-        );
+/// The host, learnt on a VM's first request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Host {
+    Envoy,
+    /// nginx whose configuration declares the variables of every identity header in use.
+    Nginx,
+    /// nginx without them: a client-sent identity header would reach the upstream (nginx
+    /// cannot remove a request header), so every request that would go upstream is refused
+    /// `unavailable` instead (fail closed; refusing the configuration would stop the workers).
+    NginxUnmapped,
+}
+
+/// Which host this VM runs in: ngx_wasm_module answers the `ngx.*` properties. Says once, at
+/// error level, what the configuration lacks.
+pub fn detect(cfg: &Config) -> Host {
+    if property(&["ngx", "nginx_version"]).is_none() {
+        return Host::Envoy;
     }
-    nginx
+    let missing =
+        |header: &Option<String>, var: &str| header.is_some() && property(&["ngx", var]).is_none();
+    if missing(&cfg.key_id_header, "keygate_key_id")
+        || missing(&cfg.owner_header, "keygate_key_owner")
+    {
+        log::error!(
+            "keygate: nginx without `set $keygate_key_id \"\"; set $keygate_key_owner \"\";` at \
+             server level (and their proxy_set_header lines): client-sent identity headers would \
+             reach the upstream, so every request that would go upstream is refused 503 \
+             unavailable (see envoy/examples/nginx/README.md)"
+        );
+        return Host::NginxUnmapped;
+    }
+    Host::Nginx
 }
 
 fn property(path: &[&str]) -> Option<Vec<u8>> {
@@ -29,23 +49,15 @@ fn property(path: &[&str]) -> Option<Vec<u8>> {
 }
 
 pub fn apply(cfg: &Config, headers: &[(&str, &[u8])], outcome: &Outcome) {
-    // Setting an undeclared variable traps the VM: only write them when the config declares them.
-    let vars = property(&["ngx", "keygate_key_id"]).is_some();
+    // Setting an undeclared variable traps the VM: `detect` made sure the ones in use are
+    // declared (else the request was refused, `Host::NginxUnmapped`).
     for (name, value) in &outcome.set_headers {
-        if vars {
-            let var = if Some(name) == cfg.key_id_header.as_ref() {
-                "keygate_key_id"
-            } else {
-                "keygate_key_owner"
-            };
-            let _ = hostcalls::set_property(vec!["ngx", var], Some(value.as_bytes()));
+        let var = if Some(name) == cfg.key_id_header.as_ref() {
+            "keygate_key_id"
         } else {
-            let _ = hostcalls::set_map_value(
-                proxy_wasm::types::MapType::HttpRequestHeaders,
-                name,
-                Some(value),
-            );
-        }
+            "keygate_key_owner"
+        };
+        let _ = hostcalls::set_property(vec!["ngx", var], Some(value.as_bytes()));
     }
     for name in &outcome.remove_headers {
         let identity =

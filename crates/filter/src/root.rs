@@ -153,10 +153,14 @@ impl RootContext for Root {
             source_id,
             list: Cell::new(ListState::default()),
             buckets: RefCell::new(BucketCache::default()),
-            metrics: Metrics::define(),
-            nginx: Cell::new(None),
+            // The token's high bits are the VM's place in the order of configuration.
+            metrics: Metrics::define(self.loader.token() >> 24),
+            host: Cell::new(None),
         }));
         self.refresh_view();
+        if let Some(s) = &self.shared {
+            s.metrics.vm_memory();
+        }
         self.set_tick_period(TICK);
         true
     }
@@ -168,6 +172,11 @@ impl RootContext for Root {
         let now = now_ms();
         let (request, report) = self.loader.tick(&HostStore, now);
         self.carry_out(report);
+        s.metrics.vm_memory();
+        if self.loader.is_leader() {
+            s.metrics
+                .shared_entries(publish::shared_entries(&HostStore));
+        }
         let Some(request) = request else { return };
         let headers: Vec<(&str, &str)> = request
             .headers

@@ -1,6 +1,7 @@
 //! What the root context of a VM shares with every HTTP context it creates.
 
 use super::metrics::Metrics;
+use super::nginx::Host;
 use keygate_core::bucket_cache::BucketCache;
 use keygate_core::config::Config;
 use keygate_core::decision::ListState;
@@ -16,6 +17,7 @@ pub struct Shared {
     pub list: Cell<ListState>,
     pub buckets: RefCell<BucketCache>,
     pub metrics: Metrics,
-    /// Whether the host is nginx (ngx_wasm_module), learnt on the first request.
-    pub nginx: Cell<Option<bool>>,
+    /// The host (Envoy, or nginx with or without the identity variables), learnt on the
+    /// first request.
+    pub host: Cell<Option<Host>>,
 }
