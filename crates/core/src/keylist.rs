@@ -510,6 +510,7 @@ impl Compiler {
             sites: &k.sites,
             scopes: &k.scopes,
             limits,
+            owner_limits: None,
         };
         record::encode(&entry, &mut self.dict, &mut self.scratch, &mut self.records);
         let lead = u32::from_be_bytes([hash[0], hash[1], hash[2], hash[3]]) as u64;

@@ -1,21 +1,30 @@
 //! One HTTP request: read what the decision needs in as few host calls as possible, apply the
 //! outcome, and add rate-limit headers to the upstream's response (only there: Envoy also runs
-//! the response hook for our own local replies, which carry their headers already).
+//! the response hook for our own local replies, which carry their headers already). In global
+//! mode a request whose key has limits is paused while the Rate Limit Service is asked
+//! (`dispatch_grpc_call`), and resumed once `decision::settle` decided on its answer.
 
 use super::host::{now_ms, HostStore};
 use super::nginx;
 use super::phase;
 use super::vm::Shared;
 use keygate_core::client_ip;
-use keygate_core::decision::{self, Request};
+use keygate_core::decision::{self, GlobalAnswer, Outcome, Request};
+use keygate_core::rls;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::Action;
+use proxy_wasm::types::{Action, BufferType};
 use std::rc::Rc;
+use std::time::Duration;
+
+/// gRPC status `DEADLINE_EXCEEDED`: the call outlived `rate_limit.global.timeout_ms`.
+const GRPC_DEADLINE_EXCEEDED: u32 = 4;
 
 pub struct Http {
     shared: Rc<Shared>,
     response_headers: Vec<(String, String)>,
+    /// Global mode: the outcome waiting for the Rate Limit Service's answer.
+    pending: Option<Outcome>,
 }
 
 impl Http {
@@ -23,11 +32,36 @@ impl Http {
         Http {
             shared,
             response_headers: Vec::new(),
+            pending: None,
         }
     }
 }
 
-impl Context for Http {}
+impl Context for Http {
+    fn on_grpc_call_response(&mut self, _token_id: u32, status_code: u32, response_size: usize) {
+        let Some(pending) = self.pending.take() else {
+            return;
+        };
+        let body = if status_code == 0 {
+            hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, response_size)
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let answer = match status_code {
+            0 => GlobalAnswer::Reply(&body),
+            GRPC_DEADLINE_EXCEEDED => GlobalAnswer::Timeout,
+            _ => GlobalAnswer::Unavailable,
+        };
+        let outcome = self.settle(pending, answer);
+        if self.apply(outcome, &[]) == Action::Continue && hostcalls::resume_http_request().is_err()
+        {
+            log::warn!("keygate: could not resume the request after the rate limit service");
+        }
+    }
+}
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
@@ -65,6 +99,45 @@ impl HttpContext for Http {
             )
         );
         s.list.set(list);
+        if let (Some(check), Some(global)) = (outcome.global.as_deref(), &s.config.global) {
+            let message = check.request(&global.domain);
+            let call = hostcalls::dispatch_grpc_call(
+                &s.grpc_service,
+                rls::SERVICE,
+                rls::METHOD,
+                Vec::new(),
+                Some(&message),
+                Duration::from_millis(global.timeout_ms),
+            );
+            if call.is_ok() {
+                self.pending = Some(outcome);
+                return Action::Pause;
+            }
+            outcome = self.settle(outcome, GlobalAnswer::Unavailable);
+        }
+        self.apply(outcome, &headers)
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let add = std::mem::take(&mut self.response_headers);
+        timed!(phase::RESPONSE_HEADERS, self.add_response_headers(add));
+        Action::Continue
+    }
+}
+
+impl Http {
+    /// `decision::settle` with the metrics of the global call.
+    fn settle(&self, pending: Outcome, answer: GlobalAnswer) -> Outcome {
+        let s = &self.shared;
+        let (outcome, result) = decision::settle(&s.config, &HostStore, pending, answer, now_ms());
+        s.metrics.global(result);
+        outcome
+    }
+
+    /// Carries out a decided outcome: a local reply, or the request's edits. `Continue` when
+    /// the request goes on upstream.
+    fn apply(&mut self, mut outcome: Outcome, headers: &[(String, Vec<u8>)]) -> Action {
+        let s = &self.shared;
         timed!(phase::METRIC, s.metrics.decision(outcome.kind));
         if let Some(id) = &outcome.key_id {
             log::debug!("keygate: {:?} for key {id}", outcome.kind);
@@ -93,7 +166,7 @@ impl HttpContext for Http {
         };
         self.response_headers = std::mem::take(&mut outcome.response_headers);
         if nginx {
-            nginx::apply(&s.config, &headers, &outcome);
+            nginx::apply(&s.config, headers, &outcome);
             return Action::Continue;
         }
         // One call per edit: a call that returns nothing is far cheaper than reading the whole
@@ -114,14 +187,6 @@ impl HttpContext for Http {
         Action::Continue
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let add = std::mem::take(&mut self.response_headers);
-        timed!(phase::RESPONSE_HEADERS, self.add_response_headers(add));
-        Action::Continue
-    }
-}
-
-impl Http {
     /// One `add` per header: reading the map and writing it back costs several times more,
     /// because the host has to allocate the map's copy inside the VM.
     fn add_response_headers(&self, add: Vec<(String, String)>) {

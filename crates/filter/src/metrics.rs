@@ -1,7 +1,8 @@
 //! The `keygate_*` metrics: a counter per decision, fetch outcomes and a gauge of keys loaded.
 //! None is per key or per client.
 
-use keygate_core::decision::Kind;
+use keygate_core::config::FailureMode;
+use keygate_core::decision::{GlobalFailure, GlobalResult, Kind};
 use keygate_core::loader::Fetch;
 use keygate_core::response::Class;
 use proxy_wasm::hostcalls;
@@ -12,6 +13,8 @@ pub struct Metrics {
     decisions: Vec<Option<u32>>,
     fetches: Vec<Option<u32>>,
     keys_loaded: Option<u32>,
+    /// Global mode only (defined when `rate_limit.global` is set).
+    global: Vec<Option<u32>>,
 }
 
 const DECISIONS: [&str; 11] = [
@@ -35,12 +38,24 @@ const FETCHES: [&str; 4] = [
     "keygate_fetch_rejected",
 ];
 
+/// Global mode: calls the Rate Limit Service answered, each way a call failed, and what the
+/// failure mode then did.
+const GLOBAL: [&str; 7] = [
+    "keygate_global_ok",
+    "keygate_global_timeout",
+    "keygate_global_unavailable",
+    "keygate_global_bad_reply",
+    "keygate_global_fallback_local",
+    "keygate_global_fallback_allow",
+    "keygate_global_fallback_deny",
+];
+
 fn define(kind: MetricType, name: &str) -> Option<u32> {
     hostcalls::define_metric(kind, name).ok()
 }
 
 impl Metrics {
-    pub fn define() -> Metrics {
+    pub fn define(global: bool) -> Metrics {
         Metrics {
             decisions: DECISIONS
                 .iter()
@@ -51,6 +66,14 @@ impl Metrics {
                 .map(|n| define(MetricType::Counter, n))
                 .collect(),
             keys_loaded: define(MetricType::Gauge, "keygate_keys_loaded"),
+            global: if global {
+                GLOBAL
+                    .iter()
+                    .map(|n| define(MetricType::Counter, n))
+                    .collect()
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -69,6 +92,25 @@ impl Metrics {
             Kind::Refused(c) => 4 + Class::ALL.iter().position(|x| *x == c).unwrap_or(0),
         };
         Self::bump(self.decisions.get(i).copied().flatten());
+    }
+
+    pub fn global(&self, r: GlobalResult) {
+        let bump = |i: usize| Self::bump(self.global.get(i).copied().flatten());
+        match r {
+            GlobalResult::Answered => bump(0),
+            GlobalResult::Failed(why, mode) => {
+                bump(match why {
+                    GlobalFailure::Timeout => 1,
+                    GlobalFailure::Unavailable => 2,
+                    GlobalFailure::BadReply => 3,
+                });
+                bump(match mode {
+                    FailureMode::Local => 4,
+                    FailureMode::Allow => 5,
+                    FailureMode::Deny => 6,
+                });
+            }
+        }
     }
 
     pub fn fetch(&self, f: Fetch) {

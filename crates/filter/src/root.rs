@@ -12,11 +12,23 @@ use keygate_core::counters;
 use keygate_core::decision::ListState;
 use keygate_core::loader::{Answer, Loader, Report};
 use keygate_core::publish;
+use keygate_core::rls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
+
+/// Whether the host can make gRPC calls, asked before global mode is accepted. Envoy answers
+/// the `node` property in every context (its node always carries at least `user_agent_name`);
+/// ngx_wasm_module has no such property and no gRPC calls (its `proxy_dispatch_grpc_call` is a
+/// stub that fails the filter), and nginx is otherwise only recognisable inside a request.
+fn host_has_grpc_calls() -> bool {
+    proxy_wasm::hostcalls::get_property(vec!["node"])
+        .ok()
+        .flatten()
+        .is_some_and(|v| !v.is_empty())
+}
 
 /// Also how long a worker may answer from its bucket cache after a new list was published.
 const TICK: Duration = Duration::from_millis(100);
@@ -144,16 +156,31 @@ impl RootContext for Root {
                 return false;
             }
         };
+        if config.global.is_some() && !host_has_grpc_calls() {
+            log::error!(
+                "keygate: configuration rejected: rate_limit.global: this host has no gRPC calls \
+                 (ngx_wasm_module implements no proxy_dispatch_grpc_call); global mode needs \
+                 Envoy. Remove rate_limit.global to count limits in this instance."
+            );
+            return false;
+        }
         counters::ensure_counter_slots(&HostStore);
         self.loader
             .configure(&HostStore, &config.key_list, now_ns());
         let source_id = config.key_list.source_id();
+        let grpc_service = config
+            .global
+            .as_ref()
+            .map(|g| String::from_utf8(rls::grpc_service(&g.cluster)).unwrap_or_default())
+            .unwrap_or_default();
+        let metrics = Metrics::define(config.global.is_some());
         self.shared = Some(Rc::new(Shared {
             config,
             source_id,
             list: Cell::new(ListState::default()),
             buckets: RefCell::new(BucketCache::default()),
-            metrics: Metrics::define(),
+            metrics,
+            grpc_service,
             nginx: Cell::new(None),
         }));
         self.refresh_view();

@@ -16,6 +16,9 @@ pub struct Shared {
     pub list: Cell<ListState>,
     pub buckets: RefCell<BucketCache>,
     pub metrics: Metrics,
+    /// Global mode: the Rate Limit Service's cluster as a serialised `GrpcService` (what
+    /// `dispatch_grpc_call` takes); empty otherwise.
+    pub grpc_service: String,
     /// Whether the host is nginx (ngx_wasm_module), learnt on the first request.
     pub nginx: Cell<Option<bool>>,
 }
