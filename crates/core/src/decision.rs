@@ -700,12 +700,14 @@ pub enum GlobalFailure {
 
 /// Finishes a request that `decide` left waiting for the Rate Limit Service (`pending.global`
 /// set): the service's counts decide as local counts would; on failure `rate_limit.global.
-/// failure_mode` applies (`local`: count in this instance's shared data).
+/// failure_mode` applies (`local`: count in this instance's shared data). `sent_ms` and
+/// `now_ms`: when the call went out and now, Unix milliseconds.
 pub fn settle(
     cfg: &Config,
     store: &dyn SharedStore,
     mut pending: Outcome,
     answer: GlobalAnswer,
+    sent_ms: u64,
     now_ms: u64,
 ) -> (Outcome, GlobalResult) {
     let now_s = now_ms / 1000;
@@ -720,7 +722,7 @@ pub fn settle(
     let failure = match answer {
         GlobalAnswer::Reply(bytes) => {
             match rls::decode_reply(bytes)
-                .and_then(|r| rls::counted(&check.descriptors(), &r, now_ms))
+                .and_then(|r| rls::counted(&check.descriptors(), &r, sent_ms, now_ms))
             {
                 Ok(counted) => {
                     let o = apply_counts(cfg, || pending, Some(counted), now_s);

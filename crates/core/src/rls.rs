@@ -363,14 +363,22 @@ pub fn decode_reply(bytes: &[u8]) -> Result<Reply, String> {
 }
 
 /// The reply as the state of every limit, for the headers and the decision of local mode.
+/// `sent_ms` and `now_ms` are when the request went out and when its answer came (Unix ms).
 ///
 /// The reply must have one status per descriptor, an overall code that agrees with them, and
 /// no status of unknown code; anything else is a bad reply (the failure mode applies). A status
-/// without `current_limit` (the service applies no limit there) describes no limit. The window
-/// end is `now + duration_until_reset`; when that is within a second of the epoch-aligned end
-/// of the window (the service's clock and ours read a moment apart), the aligned end is used,
-/// so headers match local mode exactly.
-pub fn counted(descriptors: &[Descriptor], reply: &Reply, now_ms: u64) -> Result<Counted, String> {
+/// without `current_limit` (the service applies no limit there) describes no limit. The service
+/// counted somewhere between `sent_ms` and `now_ms`, so its window ends between
+/// `sent_ms + duration_until_reset` and `now_ms + duration_until_reset` (a second more either
+/// way for services that send whole seconds): when the epoch-aligned end of the window lies
+/// there, that end is used, so headers match local mode exactly; otherwise (a service with
+/// windows of its own) the later bound.
+pub fn counted(
+    descriptors: &[Descriptor],
+    reply: &Reply,
+    sent_ms: u64,
+    now_ms: u64,
+) -> Result<Counted, String> {
     if reply.statuses.len() != descriptors.len() {
         return Err(format!(
             "{} statuses for {} descriptors",
@@ -387,7 +395,7 @@ pub fn counted(descriptors: &[Descriptor], reply: &Reply, now_ms: u64) -> Result
         }
         _ => {}
     }
-    let now_s = now_ms / 1000;
+    let sent_ms = sent_ms.min(now_ms);
     let mut states = Vec::with_capacity(descriptors.len());
     for (d, s) in descriptors.iter().zip(&reply.statuses) {
         if s.code == Code::Unknown {
@@ -401,17 +409,17 @@ pub fn counted(descriptors: &[Descriptor], reply: &Reply, now_ms: u64) -> Result
             None if s.code == Code::OverLimit => (d.limit.limit, d.limit.window_s),
             None => continue,
         };
-        let aligned = ratelimit::window_start(now_s, window_s) + window_s;
+        let aligned = |t_ms: u64| ratelimit::window_start(t_ms / 1000, window_s) + window_s;
         let reset = match s.until_reset_ms {
             Some(ms) => {
-                let theirs = now_ms.saturating_add(ms).div_ceil(1000);
-                if theirs.abs_diff(aligned) <= 1 {
-                    aligned
-                } else {
-                    theirs
-                }
+                let earliest = (sent_ms.saturating_add(ms) / 1000).saturating_sub(1);
+                let latest = now_ms.saturating_add(ms).div_ceil(1000).saturating_add(1);
+                [aligned(sent_ms), aligned(now_ms)]
+                    .into_iter()
+                    .find(|end| (earliest..=latest).contains(end))
+                    .unwrap_or(latest - 1)
             }
-            None => aligned,
+            None => aligned(now_ms),
         };
         let count = match s.code {
             Code::OverLimit => limit.saturating_add(1),
@@ -555,7 +563,7 @@ mod tests {
         assert_eq!(reply.statuses[0].current_limit, Some((60, 2)));
         assert_eq!(reply.statuses[0].until_reset_ms, Some(34_000));
         let d = descriptors("k", &[l(60, 60)], "o", &[l(1000, 86400)]);
-        let c = counted(&d, &reply, now_ms).unwrap();
+        let c = counted(&d, &reply, now_ms, now_ms).unwrap();
         assert!(c.allowed());
         let t = c.tightest().unwrap();
         assert_eq!((t.limit, t.remaining(), t.window_s), (60, 12, 60));
@@ -571,7 +579,7 @@ mod tests {
         let now_ms = 1_708_345_166_000;
         let bytes = msg(&[(1, V(2)), (2, B(status(2, 5, 2, 0, 34)))]);
         let d = descriptors("k", &[l(5, 60)], "o", &[]);
-        let c = counted(&d, &decode_reply(&bytes).unwrap(), now_ms).unwrap();
+        let c = counted(&d, &decode_reply(&bytes).unwrap(), now_ms, now_ms).unwrap();
         assert!(!c.allowed());
         assert_eq!(c.retry_after(now_ms / 1000), 34);
         assert_eq!(c.tightest().unwrap().remaining(), 0);
@@ -583,17 +591,33 @@ mod tests {
         let d = descriptors("k", &[l(5, 60)], "o", &[]);
         // Aligned end: 1_000_020; the service says 10 s from now: agrees.
         let r = decode_reply(&msg(&[(1, V(1)), (2, B(status(1, 5, 2, 4, 10)))])).unwrap();
-        assert_eq!(counted(&d, &r, now_ms).unwrap().states[0].reset, 1_000_020);
+        assert_eq!(
+            counted(&d, &r, now_ms, now_ms).unwrap().states[0].reset,
+            1_000_020
+        );
         // One second off (clocks a moment apart): still the aligned end.
         let r = decode_reply(&msg(&[(1, V(1)), (2, B(status(1, 5, 2, 4, 9)))])).unwrap();
-        assert_eq!(counted(&d, &r, now_ms).unwrap().states[0].reset, 1_000_020);
+        assert_eq!(
+            counted(&d, &r, now_ms, now_ms).unwrap().states[0].reset,
+            1_000_020
+        );
         // A service with windows of its own (sliding): its end.
         let r = decode_reply(&msg(&[(1, V(1)), (2, B(status(1, 5, 2, 4, 45)))])).unwrap();
-        assert_eq!(counted(&d, &r, now_ms).unwrap().states[0].reset, 1_000_055);
+        assert_eq!(
+            counted(&d, &r, now_ms, now_ms).unwrap().states[0].reset,
+            1_000_055
+        );
+        // Answered 1.7 s after it was sent, counted just after sending: 10 s then, 8.3 s now.
+        let r = decode_reply(&msg(&[(1, V(1)), (2, B(status(1, 5, 2, 4, 10)))])).unwrap();
+        let c = counted(&d, &r, now_ms, now_ms + 1_700).unwrap();
+        assert_eq!(c.states[0].reset, 1_000_020);
         // No duration: the aligned end.
         let s = msg(&[(1, V(1)), (2, B(msg(&[(1, V(5)), (2, V(2))]))), (3, V(4))]);
         let r = decode_reply(&msg(&[(1, V(1)), (2, B(s))])).unwrap();
-        assert_eq!(counted(&d, &r, now_ms).unwrap().states[0].reset, 1_000_020);
+        assert_eq!(
+            counted(&d, &r, now_ms, now_ms).unwrap().states[0].reset,
+            1_000_020
+        );
     }
 
     #[test]
@@ -601,11 +625,11 @@ mod tests {
         let d = descriptors("k", &[l(5, 60)], "o", &[l(7, 1)]);
         let ok = msg(&[(1, V(1))]);
         let r = decode_reply(&msg(&[(1, V(1)), (2, B(ok.clone())), (2, B(ok))])).unwrap();
-        let c = counted(&d, &r, 120_000).unwrap();
+        let c = counted(&d, &r, 120_000, 120_000).unwrap();
         assert!(c.allowed() && c.states.is_empty());
         let over = msg(&[(1, V(2))]);
         let r = decode_reply(&msg(&[(1, V(2)), (2, B(msg(&[(1, V(1))]))), (2, B(over))])).unwrap();
-        let c = counted(&d, &r, 120_500).unwrap();
+        let c = counted(&d, &r, 120_500, 120_500).unwrap();
         assert!(!c.allowed());
         assert_eq!((c.states[0].limit, c.states[0].window_s), (7, 1));
         assert_eq!(c.retry_after(120), 1);
@@ -639,7 +663,7 @@ mod tests {
         ];
         for (bytes, needle) in cases {
             let e = decode_reply(&bytes)
-                .and_then(|r| counted(&d, &r, 1_000_000))
+                .and_then(|r| counted(&d, &r, 1_000_000, 1_000_000))
                 .unwrap_err();
             assert!(e.contains(needle), "{e:?} lacks {needle:?}");
         }
@@ -663,7 +687,7 @@ mod tests {
         for bytes in malformed {
             assert!(
                 decode_reply(&bytes)
-                    .and_then(|r| counted(&d, &r, 1_000_000))
+                    .and_then(|r| counted(&d, &r, 1_000_000, 1_000_000))
                     .is_err(),
                 "{bytes:?}"
             );
@@ -671,11 +695,11 @@ mod tests {
         // Every prefix and every single-byte corruption of a good reply: an answer, never a panic.
         let good = msg(&[(1, V(1)), (2, B(ok_status))]);
         for n in 0..good.len() {
-            let _ = decode_reply(&good[..n]).and_then(|r| counted(&d, &r, 1_000_000));
+            let _ = decode_reply(&good[..n]).and_then(|r| counted(&d, &r, 1_000_000, 1_000_000));
             for b in [0u8, 0x7f, 0x80, 0xff] {
                 let mut bad = good.clone();
                 bad[n] = b;
-                let _ = decode_reply(&bad).and_then(|r| counted(&d, &r, 1_000_000));
+                let _ = decode_reply(&bad).and_then(|r| counted(&d, &r, 1_000_000, 1_000_000));
             }
         }
     }

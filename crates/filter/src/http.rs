@@ -23,8 +23,9 @@ const GRPC_DEADLINE_EXCEEDED: u32 = 4;
 pub struct Http {
     shared: Rc<Shared>,
     response_headers: Vec<(String, String)>,
-    /// Global mode: the outcome waiting for the Rate Limit Service's answer.
-    pending: Option<Outcome>,
+    /// Global mode: the outcome waiting for the Rate Limit Service's answer, and when the
+    /// call went out (Unix ms).
+    pending: Option<(Outcome, u64)>,
 }
 
 impl Http {
@@ -39,7 +40,7 @@ impl Http {
 
 impl Context for Http {
     fn on_grpc_call_response(&mut self, _token_id: u32, status_code: u32, response_size: usize) {
-        let Some(pending) = self.pending.take() else {
+        let Some((pending, sent_ms)) = self.pending.take() else {
             return;
         };
         let body = if status_code == 0 {
@@ -50,12 +51,21 @@ impl Context for Http {
         } else {
             Vec::new()
         };
+        // Envoy ends a call that outlived its timeout as an upstream 504, which gRPC maps to
+        // UNAVAILABLE: a failure at or after the deadline is a timeout.
+        let timeout_ms = self
+            .shared
+            .config
+            .global
+            .as_ref()
+            .map_or(0, |g| g.timeout_ms);
         let answer = match status_code {
             0 => GlobalAnswer::Reply(&body),
             GRPC_DEADLINE_EXCEEDED => GlobalAnswer::Timeout,
+            _ if now_ms().saturating_sub(sent_ms) >= timeout_ms => GlobalAnswer::Timeout,
             _ => GlobalAnswer::Unavailable,
         };
-        let outcome = self.settle(pending, answer);
+        let outcome = self.settle(pending, answer, sent_ms);
         if self.apply(outcome, &[]) == Action::Continue && hostcalls::resume_http_request().is_err()
         {
             log::warn!("keygate: could not resume the request after the rate limit service");
@@ -86,7 +96,8 @@ impl HttpContext for Http {
             source: &source,
         };
         let mut list = s.list.get();
-        let now = timed!(phase::NOW, now_ms() / 1000);
+        let t_ms = timed!(phase::NOW, now_ms());
+        let now = t_ms / 1000;
         let mut outcome = timed!(
             phase::DECIDE,
             decision::decide_cached(
@@ -110,10 +121,10 @@ impl HttpContext for Http {
                 Duration::from_millis(global.timeout_ms),
             );
             if call.is_ok() {
-                self.pending = Some(outcome);
+                self.pending = Some((outcome, t_ms));
                 return Action::Pause;
             }
-            outcome = self.settle(outcome, GlobalAnswer::Unavailable);
+            outcome = self.settle(outcome, GlobalAnswer::Unavailable, t_ms);
         }
         self.apply(outcome, &headers)
     }
@@ -127,9 +138,10 @@ impl HttpContext for Http {
 
 impl Http {
     /// `decision::settle` with the metrics of the global call.
-    fn settle(&self, pending: Outcome, answer: GlobalAnswer) -> Outcome {
+    fn settle(&self, pending: Outcome, answer: GlobalAnswer, sent_ms: u64) -> Outcome {
         let s = &self.shared;
-        let (outcome, result) = decision::settle(&s.config, &HostStore, pending, answer, now_ms());
+        let (outcome, result) =
+            decision::settle(&s.config, &HostStore, pending, answer, sent_ms, now_ms());
         s.metrics.global(result);
         outcome
     }

@@ -19,15 +19,20 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 
-/// Whether the host can make gRPC calls, asked before global mode is accepted. Envoy answers
-/// the `node` property in every context (its node always carries at least `user_agent_name`);
-/// ngx_wasm_module has no such property and no gRPC calls (its `proxy_dispatch_grpc_call` is a
-/// stub that fails the filter), and nginx is otherwise only recognisable inside a request.
+/// Whether the host can make gRPC calls, asked before global mode is accepted: whether it is
+/// Envoy. Envoy answers `plugin_vm_id` in every context (empty, so unanswered, when the
+/// configuration sets no `vm_id`) and `xds.node` (the whole node, tens of kB: asked only when
+/// the first says nothing). ngx_wasm_module answers neither, and has no gRPC calls (its
+/// `proxy_dispatch_grpc_call` is a stub that fails the filter); nginx is otherwise only
+/// recognisable inside a request (`ngx.*` properties need one).
 fn host_has_grpc_calls() -> bool {
-    proxy_wasm::hostcalls::get_property(vec!["node"])
-        .ok()
-        .flatten()
-        .is_some_and(|v| !v.is_empty())
+    let answered = |path: Vec<&str>| {
+        proxy_wasm::hostcalls::get_property(path)
+            .ok()
+            .flatten()
+            .is_some_and(|v| !v.is_empty())
+    };
+    answered(vec!["plugin_vm_id"]) || answered(vec!["xds", "node"])
 }
 
 /// Also how long a worker may answer from its bucket cache after a new list was published.

@@ -102,7 +102,14 @@ impl Gate {
             Some(b) => GlobalAnswer::Reply(b),
             None => failure,
         };
-        let (o, result) = settle(&self.cfg, &self.store, o, a, now * 1000 + 250);
+        let (o, result) = settle(
+            &self.cfg,
+            &self.store,
+            o,
+            a,
+            now * 1000 + 250,
+            now * 1000 + 400,
+        );
         assert!(o.global.is_none());
         (o, Some(result))
     }
