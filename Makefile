@@ -7,6 +7,7 @@
 #   make test    unit tests, clippy (native + wasm), rustfmt check, integration tests against real Envoy
 #   make image   target/oci/keygate: keygate.wasm as a Wasm OCI image (compat variant), and pin
 #                envoy/istio/wasmplugin.yaml to it (sha256 = manifest digest)
+#   make fuzz    each fuzz target for FUZZ_S seconds (default 600; cargo-fuzz, nightly toolchain)
 #   make run     demo on loopback: key service :8081, echo upstream :8082, Envoy :8080 (admin :9901)
 #   make clean      cargo clean, demo logs;  make distclean: also the .venv
 
@@ -28,7 +29,7 @@ PYTEST_ARGS ?=
 IMAGE_DIR   := target/oci/keygate
 SYS_TOOLS   := docker-registry skopeo redis-server
 
-.PHONY: bench bench-envoy all deps rust-deps py-deps sys-deps build wasm wasm-timing cli image test unit lint fmt-check integration run clean distclean
+.PHONY: fuzz fuzz-build bench bench-envoy all deps rust-deps py-deps sys-deps build wasm wasm-timing cli image test unit lint fmt-check integration run clean distclean
 
 all: build
 
@@ -154,6 +155,27 @@ integration: $(VENV_STAMP)
 .PHONY: test-nginx
 test-nginx: build $(VENV_STAMP)
 	$(VENV_PY) tests/nginx/run_nginx.py
+
+# ---------------------------------------------------------------------------------------------
+# fuzz (nightly + cargo-fuzz; fuzz/ is its own workspace). New inputs go to target/fuzz-corpus/,
+# the committed seeds in fuzz/corpus/ are only read; a crash is written to fuzz/artifacts/ and
+# belongs in fuzz/corpus/<target>/ (replayed by `make unit` on stable, tests/fuzz_corpus.rs).
+# ---------------------------------------------------------------------------------------------
+FUZZ_S       ?= 600
+FUZZ_TARGETS ?= configuration key_list credentials path_normalisation client_address cidr_list decision
+FUZZ_ARGS    ?= -rss_limit_mb=2048 -print_final_stats=1
+
+fuzz-build:
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz
+	cd fuzz && $(CARGO) +nightly fuzz build -O
+
+fuzz: fuzz-build
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p target/fuzz-corpus/$$t; \
+	  echo "== fuzz $$t for $(FUZZ_S) s"; \
+	  (cd fuzz && $(CARGO) +nightly fuzz run -O $$t ../target/fuzz-corpus/$$t corpus/$$t -- \
+	    -max_total_time=$(FUZZ_S) $(FUZZ_ARGS)) || exit 1; \
+	done
 
 # ---------------------------------------------------------------------------------------------
 # demo

@@ -149,7 +149,7 @@ fn new_keeps_the_rest_of_the_document_and_writes_every_given_field() {
     let list = dir.path("keys.json");
     let original = r#"{"owners":{"org-7":{"status":"active"}},
         "plans":{"free":{"rate_limits":[{"limit":10,"window_s":60}]}},
-        "keys":[{"id":"old","hash":"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08","owner":"org-7","note":"kept"}],
+        "keys":[{"id":"old","hash":"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08","owner":"org-7","meta":{"note":"kept"}}],
         "version":"v1"}"#;
     fs::write(&list, original).unwrap();
     let out = new_key(
@@ -197,7 +197,7 @@ fn new_keeps_the_rest_of_the_document_and_writes_every_given_field() {
     let d = doc(&list);
     assert_eq!(d["owners"]["org-7"]["status"], "active");
     assert_eq!(d["plans"]["free"]["rate_limits"][0]["limit"], 10);
-    assert_eq!(d["keys"][0]["note"], "kept");
+    assert_eq!(d["keys"][0]["meta"]["note"], "kept");
     assert_ne!(d["version"], "v1");
     assert!(d["version"].as_str().unwrap().ends_with("#2"));
     let k = &d["keys"][1];

@@ -2,6 +2,7 @@
 //! per-request path uses. Every error names the field (as a JSON path) and the bad value.
 
 use crate::ipset::IpSet;
+use crate::json::{self, DocError};
 use crate::path;
 use crate::response::{Class, ErrorResponse, Responses};
 use crate::routes::RouteTable;
@@ -21,24 +22,29 @@ pub struct Limit {
 pub const MAX_WINDOW_S: u64 = 10 * 366 * 86_400;
 
 impl Limit {
-    pub fn validate(&self) -> Result<(), String> {
+    /// The ranges of SPEC §1/§2 limits; the error's path is relative (`window_s`, `limit`).
+    pub fn validate(&self) -> Result<(), DocError> {
         if self.window_s == 0 || self.window_s > MAX_WINDOW_S {
-            return Err(format!(
-                "window_s: {} is out of range 1..={MAX_WINDOW_S}",
-                self.window_s
+            return Err(DocError::new(
+                "window_s",
+                format!("{} is out of range 1..={MAX_WINDOW_S}", self.window_s),
             ));
         }
         if self.limit > u32::MAX as u64 {
-            return Err(format!("limit: {} is larger than {}", self.limit, u32::MAX));
+            return Err(DocError::new(
+                "limit",
+                format!("{} is larger than {}", self.limit, u32::MAX),
+            ));
         }
         Ok(())
     }
 }
 
 /// Validates a list of limits, naming the bad entry as `<field>[i].<sub>`.
-pub fn validate_limits(field: &str, limits: &[Limit]) -> Result<(), String> {
+pub fn validate_limits(field: &str, limits: &[Limit]) -> Result<(), DocError> {
     for (i, l) in limits.iter().enumerate() {
-        l.validate().map_err(|e| format!("{field}[{i}].{e}"))?;
+        l.validate()
+            .map_err(|e| e.under(&format!("{field}[{i}]")))?;
     }
     Ok(())
 }
@@ -183,7 +189,7 @@ struct RawConfig {
     rate_limit: Option<RawRateLimit>,
     invalid_key_limit: Option<Limit>,
     upstream: Option<RawUpstream>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "json::unique_map")]
     errors: BTreeMap<String, RawError>,
     whoami: Option<RawWhoami>,
 }
@@ -194,7 +200,7 @@ struct RawKeyList {
     cluster: String,
     path: String,
     authority: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "json::unique_map")]
     headers: BTreeMap<String, String>,
     #[serde(default = "default_refresh_s")]
     refresh_s: u64,
@@ -374,7 +380,7 @@ struct RawError {
     status: Option<u32>,
     body: Option<String>,
     content_type: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "json::unique_map")]
     headers: BTreeMap<String, String>,
 }
 
@@ -398,26 +404,32 @@ fn default_whoami_body() -> String {
 }
 
 /// A header name we may read or write: an HTTP token, stored lowercase.
-fn header_name(field: &str, name: &str) -> Result<String, String> {
+fn header_name(field: &str, name: &str) -> Result<String, DocError> {
     let ok = !name.is_empty()
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
     if !ok {
-        return Err(format!("{field}: invalid header name {name:?}"));
+        return Err(DocError::new(
+            field,
+            format!("invalid header name {name:?}"),
+        ));
     }
     Ok(name.to_ascii_lowercase())
 }
 
 /// A header value we write: visible ASCII and spaces/tabs only, so the host never rejects it.
-fn header_value(field: &str, value: &str) -> Result<String, String> {
+fn header_value(field: &str, value: &str) -> Result<String, DocError> {
     if value
         .bytes()
         .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
     {
         Ok(value.to_string())
     } else {
-        Err(format!("{field}: invalid header value {value:?}"))
+        Err(DocError::new(
+            field,
+            format!("invalid header value {value:?}"),
+        ))
     }
 }
 
@@ -425,81 +437,162 @@ fn path_match(
     field: &str,
     prefix: Option<String>,
     exact: Option<String>,
-) -> Result<Option<PathMatch>, String> {
-    let check = |sub: &str, p: &str| -> Result<String, String> {
+) -> Result<Option<PathMatch>, DocError> {
+    let check = |sub: &str, p: &str| -> Result<String, DocError> {
         if !p.starts_with('/') {
-            return Err(format!("{field}.{sub}: {p:?} must start with '/'"));
+            return Err(DocError::new(
+                format!("{field}.{sub}"),
+                format!("{p:?} must start with '/'"),
+            ));
         }
         Ok(path::normalize(p))
     };
     match (prefix, exact) {
-        (Some(_), Some(_)) => Err(format!("{field}: path_prefix and path_exact are exclusive")),
+        (Some(_), Some(_)) => Err(DocError::new(
+            field,
+            "path_prefix and path_exact are exclusive",
+        )),
         (Some(p), None) => Ok(Some(PathMatch::Prefix(check("path_prefix", &p)?))),
         (None, Some(p)) => Ok(Some(PathMatch::Exact(check("path_exact", &p)?))),
         (None, None) => Ok(None),
     }
 }
 
-fn method(field: &str, m: &str) -> Result<String, String> {
+fn method(field: &str, m: &str) -> Result<String, DocError> {
     if m.is_empty()
         || !m
             .bytes()
             .all(|b| b.is_ascii_alphabetic() || b == b'-' || b == b'_')
     {
-        return Err(format!("{field}: invalid method {m:?}"));
+        return Err(DocError::new(field, format!("invalid method {m:?}")));
     }
     Ok(m.to_ascii_uppercase())
 }
 
+/// `s` as an RFC 9110 quoted-string, with what a header value cannot hold (controls, non-ASCII)
+/// percent-encoded.
+fn quoted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for b in s.bytes() {
+        match b {
+            b'"' | b'\\' => {
+                out.push('\\');
+                out.push(char::from(b));
+            }
+            0x20..=0x7e => out.push(char::from(b)),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Whether `s` is an RFC 9110 token (a valid auth-scheme).
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// The `WWW-Authenticate` value of a 401 class (SPEC §4, RFC 9110 §11.6.1): one challenge per
+/// credential source, in order, comma-separated in one field.
+///
+/// - `authorization` with a scheme: that scheme (`Bearer realm="keygate"`); for Bearer, invalid
+///   and expired keys add RFC 6750 §3.1 `error="invalid_token"` (a missing key adds no error).
+/// - any other header, or `authorization` without a scheme: `ApiKey realm="keygate",
+///   header="<name>"` (and `scheme="<scheme>"` when the value is `<scheme> <key>`).
+/// - a query parameter: `ApiKey realm="keygate", query="<name>"`.
+pub fn challenge(sources: &[CredentialSource], class: Class) -> String {
+    let error = !matches!(class, Class::MissingKey);
+    let mut out: Vec<String> = Vec::with_capacity(sources.len());
+    for source in sources {
+        let c = match source {
+            CredentialSource::Header {
+                name,
+                scheme: Some(scheme),
+            } if name == "authorization" && is_token(scheme) => {
+                if scheme.eq_ignore_ascii_case("bearer") && error {
+                    format!(r#"{scheme} realm="keygate", error="invalid_token""#)
+                } else {
+                    format!(r#"{scheme} realm="keygate""#)
+                }
+            }
+            CredentialSource::Header { name, scheme } => {
+                let mut c = format!(r#"ApiKey realm="keygate", header={}"#, quoted(name));
+                if let Some(s) = scheme {
+                    c.push_str(", scheme=");
+                    c.push_str(&quoted(s));
+                }
+                c
+            }
+            CredentialSource::Query { name } => {
+                format!(r#"ApiKey realm="keygate", query={}"#, quoted(name))
+            }
+        };
+        if !out.contains(&c) {
+            out.push(c);
+        }
+    }
+    out.join(", ")
+}
+
 /// A JSON error named by the path of the field it is about; a syntax error has no such field.
-pub(crate) fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> String {
+pub(crate) fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> DocError {
     let path = e.path().to_string();
     let inner = e.inner();
     if inner.is_syntax() || inner.is_eof() {
-        format!("invalid JSON: {inner}")
+        DocError::whole(format!("invalid JSON: {inner}"))
     } else if path == "." {
-        inner.to_string()
+        DocError::whole(inner.to_string())
     } else {
-        format!("{path}: {inner}")
+        DocError::new(path, inner.to_string())
     }
 }
 
-/// Parses and validates a plugin configuration document.
-pub fn parse(json: &[u8]) -> Result<Config, String> {
-    let de = &mut serde_json::Deserializer::from_slice(json);
-    let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(json_error)?;
+/// Parses and validates a plugin configuration document (SPEC §1). The JSON rules of SPEC §2
+/// apply: a leading byte-order mark is ignored, anything but whitespace after the value, a
+/// member named twice (at any depth) or an unknown member is an error naming the field.
+pub fn parse(json: &[u8]) -> Result<Config, DocError> {
+    let de = &mut serde_json::Deserializer::from_slice(json::strip_bom(json));
+    let raw: RawConfig = serde_path_to_error::deserialize(&mut *de).map_err(json_error)?;
+    de.end()
+        .map_err(|e| DocError::whole(format!("invalid JSON: {e}")))?;
     compile(raw)
 }
 
-fn compile(raw: RawConfig) -> Result<Config, String> {
+fn compile(raw: RawConfig) -> Result<Config, DocError> {
     let kl = raw.key_list;
     if kl.cluster.is_empty() {
-        return Err("key_list.cluster: must not be empty".into());
+        return Err(DocError::new("key_list.cluster", "must not be empty"));
     }
     if !kl.path.starts_with('/') {
-        return Err(format!("key_list.path: {:?} must start with '/'", kl.path));
+        return Err(DocError::new(
+            "key_list.path",
+            format!("{:?} must start with '/'", kl.path),
+        ));
     }
     if kl.refresh_s == 0 || kl.refresh_s > 86_400 {
-        return Err(format!(
-            "key_list.refresh_s: {} is out of range 1..=86400",
-            kl.refresh_s
+        return Err(DocError::new(
+            "key_list.refresh_s",
+            format!("{} is out of range 1..=86400", kl.refresh_s),
         ));
     }
     if kl.timeout_ms == 0 || kl.timeout_ms > 600_000 {
-        return Err(format!(
-            "key_list.timeout_ms: {} is out of range 1..=600000",
-            kl.timeout_ms
+        return Err(DocError::new(
+            "key_list.timeout_ms",
+            format!("{} is out of range 1..=600000", kl.timeout_ms),
         ));
     }
     if kl.max_bytes == 0 || kl.max_bytes > (1 << 32) {
-        return Err(format!(
-            "key_list.max_bytes: {} is out of range 1..=4294967296",
-            kl.max_bytes
+        return Err(DocError::new(
+            "key_list.max_bytes",
+            format!("{} is out of range 1..=4294967296", kl.max_bytes),
         ));
     }
     let authority = kl.authority.unwrap_or_else(|| kl.cluster.clone());
     if authority.is_empty() {
-        return Err("key_list.authority: must not be empty".into());
+        return Err(DocError::new("key_list.authority", "must not be empty"));
     }
     let mut headers = Vec::new();
     for (k, v) in kl.headers {
@@ -533,7 +626,10 @@ fn compile(raw: RawConfig) -> Result<Config, String> {
         ]
     });
     if raw_credentials.is_empty() {
-        return Err("credentials: must name at least one source".into());
+        return Err(DocError::new(
+            "credentials",
+            "must name at least one source",
+        ));
     }
     let mut credentials = Vec::new();
     for (i, c) in raw_credentials.into_iter().enumerate() {
@@ -543,29 +639,41 @@ fn compile(raw: RawConfig) -> Result<Config, String> {
                 let name = header_name(&format!("{field}.header"), &h)?;
                 if let Some(s) = &scheme {
                     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_graphic()) {
-                        return Err(format!("{field}.scheme: invalid scheme {s:?}"));
+                        return Err(DocError::new(
+                            format!("{field}.scheme"),
+                            format!("invalid scheme {s:?}"),
+                        ));
                     }
                 }
                 CredentialSource::Header { name, scheme }
             }
             (None, Some(q), None) => {
                 if q.is_empty() {
-                    return Err(format!("{field}.query: must not be empty"));
+                    return Err(DocError::new(format!("{field}.query"), "must not be empty"));
                 }
                 CredentialSource::Query { name: q }
             }
             (None, Some(_), Some(s)) => {
-                return Err(format!(
-                    "{field}.scheme: {s:?} applies only to a header source"
+                return Err(DocError::new(
+                    format!("{field}.scheme"),
+                    format!("{s:?} applies only to a header source"),
                 ))
             }
-            _ => return Err(format!("{field}: needs exactly one of header or query")),
+            _ => {
+                return Err(DocError::new(
+                    &*field,
+                    "needs exactly one of header or query",
+                ))
+            }
         });
     }
 
     for (i, p) in raw.key_prefixes.iter().enumerate() {
         if p.is_empty() {
-            return Err(format!("key_prefixes[{i}]: must not be empty"));
+            return Err(DocError::new(
+                format!("key_prefixes[{i}]"),
+                "must not be empty",
+            ));
         }
     }
 
@@ -581,19 +689,23 @@ fn compile(raw: RawConfig) -> Result<Config, String> {
             path: path_match(&field, e.path_prefix, e.path_exact)?,
         };
         if !rule.preflight && rule.method.is_none() && rule.path.is_none() {
-            return Err(format!("{field}: an empty rule would exempt every request"));
+            return Err(DocError::new(
+                &*field,
+                "an empty rule would exempt every request",
+            ));
         }
         exempt.push(rule);
     }
 
     let xff_trusted_hops = raw.client_ip.map(|c| c.xff_trusted_hops).unwrap_or(0);
     if xff_trusted_hops > 64 {
-        return Err(format!(
-            "client_ip.xff_trusted_hops: {xff_trusted_hops} is out of range 0..=64"
+        return Err(DocError::new(
+            "client_ip.xff_trusted_hops",
+            format!("{xff_trusted_hops} is out of range 0..=64"),
         ));
     }
-    let ip_allow = IpSet::parse(&raw.ip_allow).map_err(|e| format!("ip_allow{e}"))?;
-    let ip_deny = IpSet::parse(&raw.ip_deny).map_err(|e| format!("ip_deny{e}"))?;
+    let ip_allow = IpSet::parse(&raw.ip_allow).map_err(|e| e.under("ip_allow"))?;
+    let ip_deny = IpSet::parse(&raw.ip_deny).map_err(|e| e.under("ip_deny"))?;
 
     let site = match raw.site {
         None => None,
@@ -602,7 +714,10 @@ fn compile(raw: RawConfig) -> Result<Config, String> {
             header: None,
         }) => {
             if n == 0 {
-                return Err("site.path_segment: 0 is out of range (segments count from 1)".into());
+                return Err(DocError::new(
+                    "site.path_segment",
+                    "0 is out of range (segments count from 1)",
+                ));
             }
             Some(SiteSource::PathSegment(n))
         }
@@ -610,21 +725,26 @@ fn compile(raw: RawConfig) -> Result<Config, String> {
             path_segment: None,
             header: Some(h),
         }) => Some(SiteSource::Header(header_name("site.header", &h)?)),
-        Some(_) => return Err("site: needs exactly one of path_segment or header".into()),
+        Some(_) => {
+            return Err(DocError::new(
+                "site",
+                "needs exactly one of path_segment or header",
+            ))
+        }
     };
 
     let mut routes = Vec::new();
     for (i, r) in raw.routes.into_iter().enumerate() {
         let field = format!("routes[{i}]");
         let path = path_match(&field, r.path_prefix, r.path_exact)?
-            .ok_or_else(|| format!("{field}: needs path_prefix or path_exact"))?;
+            .ok_or_else(|| DocError::new(&*field, "needs path_prefix or path_exact"))?;
         let mut methods = Vec::new();
         for (j, m) in r.methods.unwrap_or_default().iter().enumerate() {
             methods.push(method(&format!("{field}.methods[{j}]"), m)?);
         }
         if let Some(s) = &r.scope {
             if s.is_empty() {
-                return Err(format!("{field}.scope: must not be empty"));
+                return Err(DocError::new(format!("{field}.scope"), "must not be empty"));
             }
         }
         routes.push(Route {
@@ -644,18 +764,25 @@ fn compile(raw: RawConfig) -> Result<Config, String> {
                 "both" => HeaderStyle::Both,
                 "none" => HeaderStyle::None,
                 other => {
-                    return Err(format!(
-                        "rate_limit.headers: {other:?} is not one of \"x-ratelimit\", \"ietf\", \"both\", \"none\""
+                    return Err(DocError::new(
+                        "rate_limit.headers",
+                        format!(
+                            "{other:?} is not one of \"x-ratelimit\", \"ietf\", \"both\", \"none\""
+                        ),
                     ))
                 }
             };
-            let global = rl.global.map(|g| global(g, &rl.default)).transpose()?;
+            let global = rl
+                .global
+                .map(|g| global(g, &rl.default))
+                .transpose()
+                .map_err(DocError::whole)?;
             (rl.default, style, global)
         }
     };
 
     if let Some(l) = &raw.invalid_key_limit {
-        l.validate().map_err(|e| format!("invalid_key_limit.{e}"))?;
+        l.validate().map_err(|e| e.under("invalid_key_limit"))?;
     }
 
     let (strip_credential, key_id_header, owner_header) = match raw.upstream {
@@ -683,7 +810,10 @@ fn compile(raw: RawConfig) -> Result<Config, String> {
     ] {
         if let Some(h) = h {
             if h.starts_with(':') || h == "host" {
-                return Err(format!("{field}: {h:?} cannot be an identity header"));
+                return Err(DocError::new(
+                    field,
+                    format!("{h:?} cannot be an identity header"),
+                ));
             }
         }
     }
@@ -692,12 +822,15 @@ fn compile(raw: RawConfig) -> Result<Config, String> {
     for (name, e) in raw.errors {
         let field = format!("errors.{name}");
         let class = Class::from_name(&name).ok_or_else(|| {
-            format!("{field}: unknown class {name:?} (expected one of missing_key, invalid_key, expired_key, forbidden, ip_denied, rate_limited, unavailable)")
+            DocError::new(&field, format!("unknown class {name:?} (expected one of missing_key, invalid_key, expired_key, forbidden, ip_denied, rate_limited, unavailable)"))
         })?;
         let r = responses.get_mut(class);
         if let Some(s) = e.status {
             if !(200..=599).contains(&s) {
-                return Err(format!("{field}.status: {s} is out of range 200..=599"));
+                return Err(DocError::new(
+                    format!("{field}.status"),
+                    format!("{s} is out of range 200..=599"),
+                ));
             }
             r.status = s;
         }
@@ -714,16 +847,36 @@ fn compile(raw: RawConfig) -> Result<Config, String> {
         }
     }
 
+    // SPEC §4: 401 answers carry a challenge (RFC 9110 §11.6.1), derived once here from the
+    // credential sources, unless the class's override names `www-authenticate` itself (an
+    // empty value there sends none).
+    for class in [Class::MissingKey, Class::InvalidKey, Class::ExpiredKey] {
+        let r = responses.get_mut(class);
+        match r.headers.iter().position(|(k, _)| k == "www-authenticate") {
+            Some(at) => {
+                if r.headers.get(at).is_some_and(|(_, v)| v.is_empty()) {
+                    r.headers.remove(at);
+                }
+            }
+            None => r
+                .headers
+                .push(("www-authenticate".into(), challenge(&credentials, class))),
+        }
+    }
+
     let whoami = match raw.whoami {
         None => None,
         Some(w) => {
             if !w.path.starts_with('/') {
-                return Err(format!("whoami.path: {:?} must start with '/'", w.path));
+                return Err(DocError::new(
+                    "whoami.path",
+                    format!("{:?} must start with '/'", w.path),
+                ));
             }
             if !(200..=599).contains(&w.status) {
-                return Err(format!(
-                    "whoami.status: {} is out of range 200..=599",
-                    w.status
+                return Err(DocError::new(
+                    "whoami.status",
+                    format!("{} is out of range 200..=599", w.status),
                 ));
             }
             let content_type = match w.content_type {
@@ -778,7 +931,7 @@ mod tests {
     const MINIMAL: &str = r#"{"key_list":{"cluster":"keyservice","path":"/v1/keys"}}"#;
 
     fn err(json: &str) -> String {
-        parse(json.as_bytes()).unwrap_err()
+        parse(json.as_bytes()).unwrap_err().to_string()
     }
 
     #[test]

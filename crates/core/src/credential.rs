@@ -1,4 +1,5 @@
-//! Finding the API key in a request (SPEC §3 step 5): the first configured source present.
+//! Finding the API key in a request (SPEC §3 step 5): the first configured source present,
+//! and whether it was given more than once (ambiguous: `invalid_key`, whatever the values).
 
 use crate::config::CredentialSource;
 use crate::path;
@@ -10,10 +11,15 @@ pub enum Location {
     Query(String),
 }
 
+/// The credential of a request (SPEC §3 step 5).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Credential {
+    /// The key (of the first occurrence when ambiguous; never looked up then).
     pub key: Vec<u8>,
     pub location: Location,
+    /// Given more than once in its source: the header twice, a header value holding a
+    /// comma-separated list (as proxies join repeated headers), or the query parameter twice.
+    pub ambiguous: bool,
 }
 
 /// `v` without leading and trailing spaces and tabs (HTTP's optional whitespace).
@@ -41,29 +47,57 @@ fn strip_scheme<'a>(value: &'a [u8], scheme: &str) -> Option<&'a [u8]> {
     }
 }
 
-/// The first source present in the request with a non-empty key. `header` looks a lowercase
-/// header name up; `query` is the raw query string.
-pub fn find<'h>(
+/// The key a header value holds for a source (empty when it holds none).
+fn header_key<'a>(value: &'a [u8], scheme: Option<&str>) -> &'a [u8] {
+    match scheme {
+        Some(s) => strip_scheme(value, s).unwrap_or_default(),
+        None => trim(value),
+    }
+}
+
+/// The first source present in the request with a non-empty key (SPEC §3 step 5). `headers`
+/// are the request's headers (names lowercase, each line as the host gave it); `query` is the
+/// raw query string. A source is present when one of its occurrences holds a key; it is then
+/// ambiguous when it occurs more than once (whatever the other occurrences hold) or, for a
+/// header, when its value holds a comma. Allocates only the key it returns.
+pub fn find(
     sources: &[CredentialSource],
-    header: impl Fn(&str) -> Option<&'h [u8]>,
+    headers: &[(String, Vec<u8>)],
     query: Option<&str>,
 ) -> Option<Credential> {
     for source in sources {
-        let found = match source {
-            CredentialSource::Header { name, scheme } => header(name).and_then(|v| {
-                let key = match scheme {
-                    Some(s) => strip_scheme(v, s)?,
-                    None => trim(v),
-                };
-                Some((key.to_vec(), Location::Header(name.clone())))
-            }),
-            CredentialSource::Query { name } => query
-                .and_then(|q| path::query_param(q, name))
-                .map(|k| (k, Location::Query(name.clone()))),
-        };
-        if let Some((key, location)) = found {
-            if !key.is_empty() {
-                return Some(Credential { key, location });
+        match source {
+            CredentialSource::Header { name, scheme } => {
+                let mut first: Option<&[u8]> = None;
+                let mut count = 0usize;
+                let mut comma = false;
+                for (_, v) in headers.iter().filter(|(k, _)| k == name) {
+                    count += 1;
+                    comma |= v.contains(&b',');
+                    let key = header_key(v, scheme.as_deref());
+                    if first.is_none() && !key.is_empty() {
+                        first = Some(key);
+                    }
+                }
+                if let Some(key) = first {
+                    return Some(Credential {
+                        key: key.to_vec(),
+                        location: Location::Header(name.clone()),
+                        ambiguous: count > 1 || comma,
+                    });
+                }
+            }
+            CredentialSource::Query { name } => {
+                let Some(q) = query else { continue };
+                if let Some((key, count)) = path::query_param_counted(q, name) {
+                    if !key.is_empty() {
+                        return Some(Credential {
+                            key,
+                            location: Location::Query(name.clone()),
+                            ambiguous: count > 1,
+                        });
+                    }
+                }
             }
         }
     }
@@ -92,11 +126,11 @@ mod tests {
 
     fn run(headers: &[(&str, &[u8])], query: Option<&str>) -> Option<Credential> {
         let s = sources();
-        find(
-            &s,
-            |n| headers.iter().find(|(k, _)| *k == n).map(|(_, v)| *v),
-            query,
-        )
+        let headers: Vec<(String, Vec<u8>)> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_vec()))
+            .collect();
+        find(&s, &headers, query)
     }
 
     #[test]

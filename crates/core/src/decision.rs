@@ -76,7 +76,7 @@ pub struct Outcome {
     pub set_headers: Vec<(String, String)>,
     /// A new `:path` (the credential's query parameter taken out).
     pub new_path: Option<String>,
-    /// Headers to add to the upstream's response.
+    /// Headers to set on the upstream's response, replacing any of the same name (SPEC §4).
     pub response_headers: Vec<(String, String)>,
     /// Global mode only: this outcome (what the request gets if no limit is exceeded) waits
     /// for the Rate Limit Service; the filter sends `GlobalCheck::request` and hands the answer
@@ -329,7 +329,7 @@ pub fn decide_cached(
     let method = req.header_str(":method");
     let (raw_path, query) = path::split_query(req.header_str(":path"));
     let norm_path = path::normalize(raw_path);
-    let credential = credential::find(&cfg.credentials, |n| req.header(n), query);
+    let credential = credential::find(&cfg.credentials, req.headers, query);
 
     // 2. Client IP and the global lists, before anything else (exempt requests included).
     let client = OnceCell::new();
@@ -407,9 +407,11 @@ pub fn decide_cached(
         }
     }
 
-    // 7. Format, then the list.
+    // 7. Format, then the list. A credential given more than once (step 5) is never looked
+    // up: it is an invalid key, counted like one.
     let key = &credential.key;
-    let well_formed = key.len() <= MAX_KEY_BYTES
+    let well_formed = !credential.ambiguous
+        && key.len() <= MAX_KEY_BYTES
         && (cfg.key_prefixes.is_empty()
             || cfg
                 .key_prefixes

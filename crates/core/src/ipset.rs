@@ -135,10 +135,10 @@ impl IpSet {
     /// Parses CIDR blocks (`10.0.0.0/8`, `2001:db8::/32`; host bits are masked off) and bare
     /// addresses (`203.0.113.7`, `2001:db8::1`). Entries are taken exactly as written: padding
     /// whitespace is an error rather than silently trimmed. The error names the first bad entry
-    /// as `[<index>]: invalid CIDR "<entry>"` (the entry `Debug`-escaped, which changes nothing
+    /// with path `[<index>]` and message `invalid CIDR "<entry>"` (the entry `Debug`-escaped, which changes nothing
     /// for printable text but keeps control characters out of log lines); callers prefix the
     /// field name.
-    pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<IpSet, String> {
+    pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<IpSet, crate::json::DocError> {
         if entries.is_empty() {
             // Most keys have no IP list; a million of them should not cost a million merges.
             return Ok(IpSet::default());
@@ -150,7 +150,12 @@ impl IpSet {
             match parse_entry(entry) {
                 Some(Range::V4(lo, hi)) => v4.push((lo, hi)),
                 Some(Range::V6(lo, hi)) => v6.push((lo, hi)),
-                None => return Err(format!("[{i}]: invalid CIDR {entry:?}")),
+                None => {
+                    return Err(crate::json::DocError::new(
+                        format!("[{i}]"),
+                        format!("invalid CIDR {entry:?}"),
+                    ))
+                }
             }
         }
         Ok(IpSet {
@@ -497,18 +502,18 @@ mod tests {
             let mut entries = vec!["192.0.2.0/24"; i + 1];
             entries.push(entry);
             assert_eq!(
-                IpSet::parse(&entries),
+                IpSet::parse(&entries).map_err(|e| e.to_string()),
                 Err(format!("[{}]: invalid CIDR \"{}\"", i + 1, entry)),
                 "{entry:?}"
             );
         }
         assert_eq!(
-            IpSet::parse(&["10.0.0.300/8"]).unwrap_err(),
+            IpSet::parse(&["10.0.0.300/8"]).unwrap_err().to_string(),
             "[0]: invalid CIDR \"10.0.0.300/8\""
         );
         // Control characters are escaped, not written raw into a log line.
         assert_eq!(
-            IpSet::parse(&["1.2.3.4\n"]).unwrap_err(),
+            IpSet::parse(&["1.2.3.4\n"]).unwrap_err().to_string(),
             "[0]: invalid CIDR \"1.2.3.4\\n\""
         );
     }

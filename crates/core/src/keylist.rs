@@ -4,19 +4,20 @@
 //! held whole: each key goes from its JSON slice straight into one arena of records.
 
 mod fast;
+mod raw;
 
 use crate::config::{json_error, validate_limits, Limit};
 use crate::dictionary;
 use crate::ipset::IpSet;
+use crate::json::DocError;
 use crate::ratelimit::Fnv;
 use crate::record::{self, Entry};
 use crate::scan::{self, Body, Position, Sink};
 use crate::time;
-use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
+use raw::{RawExpiry, RawHead, RawKey};
+use serde::de::IgnoredAny;
 use serde::Deserialize;
-use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
-use std::fmt;
 
 /// A validated list, compiled: records back to back in document order, and their hash order.
 #[derive(Debug, Default)]
@@ -63,81 +64,6 @@ impl KeyList {
     }
 }
 
-/// The document without its keys, parsed from the scan's head.
-#[derive(Deserialize)]
-struct RawHead<'a> {
-    #[serde(borrow)]
-    version: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    owners: Option<HashMap<Cow<'a, str>, RawOwner<'a>>>,
-    #[serde(borrow, default)]
-    plans: HashMap<Cow<'a, str>, RawPlan>,
-    #[allow(dead_code)]
-    keys: KeyArray,
-}
-
-/// `keys` must be an array (its elements were taken out by the scan).
-struct KeyArray;
-
-impl<'de> Deserialize<'de> for KeyArray {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<KeyArray, D::Error> {
-        struct Counter;
-        impl<'de> Visitor<'de> for Counter {
-            type Value = KeyArray;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an array of keys")
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<KeyArray, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(KeyArray)
-            }
-        }
-        d.deserialize_seq(Counter)
-    }
-}
-
-#[derive(Deserialize)]
-struct RawOwner<'a> {
-    #[serde(borrow)]
-    status: Option<Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct RawPlan {
-    rate_limits: Option<Vec<Limit>>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum RawExpiry<'a> {
-    Unix(i64),
-    #[serde(borrow)]
-    Text(Cow<'a, str>),
-}
-
-#[derive(Deserialize)]
-struct RawKey<'a> {
-    #[serde(borrow)]
-    id: Cow<'a, str>,
-    #[serde(borrow)]
-    hash: Cow<'a, str>,
-    #[serde(borrow)]
-    owner: Cow<'a, str>,
-    #[serde(borrow)]
-    status: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    expires_at: Option<RawExpiry<'a>>,
-    #[serde(borrow, default)]
-    allowed_ips: Vec<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    sites: Vec<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    scopes: Vec<Cow<'a, str>>,
-    #[serde(borrow)]
-    plan: Option<Cow<'a, str>>,
-    rate_limits: Option<Vec<Limit>>,
-}
-
 /// 1–256 visible ASCII characters: always a valid header value and log token.
 pub fn valid_name(s: &str) -> bool {
     (1..=256).contains(&s.len()) && s.bytes().all(|b| (0x21..=0x7e).contains(&b))
@@ -159,9 +85,9 @@ pub fn parse_hash(s: &str) -> Option<[u8; 32]> {
 }
 
 /// Parses and validates a key-list document in memory (the CLI, tests). Any error rejects the
-/// whole document; the message names the offending field by JSON path (and never contains a
-/// key, which the list cannot hold).
-pub fn parse(body: &[u8]) -> Result<KeyList, String> {
+/// whole document (SPEC §2); the error names the offending field by JSON path (and never
+/// contains a key, which the list cannot hold).
+pub fn parse(body: &[u8]) -> Result<KeyList, DocError> {
     read(
         &mut scan::Slice {
             data: body,
@@ -177,13 +103,19 @@ struct Context {
     owners: Option<HashSet<String, Fnv>>,
 }
 
-fn context(head: &RawHead) -> Result<Context, String> {
+fn context(head: &RawHead) -> Result<Context, DocError> {
     let mut plans = HashMap::default();
     for (name, plan) in &head.plans {
         if let Some(l) = &plan.rate_limits {
             validate_limits(&format!("plans.{name}.rate_limits"), l)?;
         }
         plans.insert(name.to_string(), plan.rate_limits.clone());
+    }
+    // An owner's own limits (SPEC §2) are checked like a key's; counting them is step 12's.
+    for (name, owner) in head.owners.iter().flatten() {
+        if let Some(l) = &owner.rate_limits {
+            validate_limits(&format!("owners.{name}.rate_limits"), l)?;
+        }
     }
     let owners = head.owners.as_ref().map(|o| {
         o.iter()
@@ -194,13 +126,19 @@ fn context(head: &RawHead) -> Result<Context, String> {
     Ok(Context { plans, owners })
 }
 
-/// The head parsed, or its error and where serde stopped (line, 1-based column).
-fn parse_head(head: &[u8]) -> Result<RawHead<'_>, (String, (usize, usize))> {
+/// The head parsed (one JSON value and nothing after it but whitespace, SPEC §2), or its error
+/// and where serde stopped (line, 1-based column).
+fn parse_head(head: &[u8]) -> Result<RawHead, (DocError, (usize, usize))> {
     let de = &mut serde_json::Deserializer::from_slice(head);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let parsed = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let at = (e.inner().line(), e.inner().column());
         (json_error(e), at)
-    })
+    })?;
+    de.end().map_err(|e| {
+        let at = (e.line(), e.column());
+        (DocError::whole(format!("invalid JSON: {e}")), at)
+    })?;
+    Ok(parsed)
 }
 
 /// `text` (a serde message ending in its position) with the position replaced.
@@ -216,7 +154,7 @@ fn relocate(text: &str, from: (usize, usize), to: (usize, usize)) -> String {
 ///
 /// One pass when `owners` and `plans` come before `keys` (the usual order): keys are compiled
 /// against them as they stream by. Otherwise a second pass reads the keys again.
-pub fn read(body: &mut dyn Body, size: usize) -> Result<KeyList, String> {
+pub fn read(body: &mut dyn Body, size: usize) -> Result<KeyList, DocError> {
     let mut first = Compiler::new(None, size);
     let outline = scan::scan(body, true, &mut first);
     let head = parse_head(&outline.head);
@@ -227,7 +165,10 @@ pub fn read(body: &mut dyn Body, size: usize) -> Result<KeyList, String> {
             .is_none_or(|k| *line < k.line || (*line == k.line && *column <= k.column));
         if before_keys || first.syntax.is_none() {
             let at = outline.document_position(*line, *column);
-            return Err(relocate(e, (*line, *column), at));
+            return Err(DocError {
+                path: e.path.clone(),
+                message: relocate(&e.message, (*line, *column), at),
+            });
         }
     }
     if let Some(e) = first.syntax.take() {
@@ -235,7 +176,7 @@ pub fn read(body: &mut dyn Body, size: usize) -> Result<KeyList, String> {
     }
     let head = head.map_err(|(e, _)| e)?;
     let ctx = context(&head)?;
-    let version = head.version.map(Cow::into_owned);
+    let version = head.version;
     let late = outline
         .names_after_keys
         .iter()
@@ -258,7 +199,7 @@ struct Failure {
     /// Where in the checks of a key it failed: 0 types, 1 id, (2 duplicate id), 3 hash,
     /// (4 duplicate hash), 5 the rest.
     stage: u8,
-    message: String,
+    message: DocError,
     id: Option<String>,
     hash: Option<[u8; 32]>,
 }
@@ -275,7 +216,7 @@ struct Compiler {
     scratch: record::Scratch,
     count: usize,
     /// The first syntax error in an element: it outranks every other error.
-    syntax: Option<String>,
+    syntax: Option<DocError>,
     failed: Option<Failure>,
 }
 
@@ -321,8 +262,12 @@ impl Sink for Compiler {
                 }
             }
             Err(e) if e.is_syntax() || e.is_eof() => {
-                self.syntax = syntax_error(with_end, at)
-                    .or_else(|| Some(format!("invalid JSON: {}", reposition(&e, at))));
+                self.syntax = syntax_error(with_end, at).or_else(|| {
+                    Some(DocError::whole(format!(
+                        "invalid JSON: {}",
+                        reposition(&e, at)
+                    )))
+                });
             }
             Err(e) => {
                 let path = track.path().to_string();
@@ -333,7 +278,7 @@ impl Sink for Compiler {
                 self.failed = Some(Failure {
                     index: i,
                     stage: 0,
-                    message: format!("{path}: {}", reposition(&e, at)),
+                    message: DocError::new(path, reposition(&e, at)),
                     id: None,
                     hash: None,
                 });
@@ -342,13 +287,13 @@ impl Sink for Compiler {
     }
 
     fn syntax_error(&mut self, message: String) {
-        self.syntax.get_or_insert(message);
+        self.syntax.get_or_insert(DocError::whole(message));
     }
 }
 
 /// The syntax error of an element (followed by its `,` or `]`), worded and placed as a parse of
 /// the whole document would report it.
-fn syntax_error(with_end: &[u8], at: Position) -> Option<String> {
+fn syntax_error(with_end: &[u8], at: Position) -> Option<DocError> {
     let de = &mut serde_json::Deserializer::from_slice(with_end);
     let e = match IgnoredAny::deserialize(&mut *de) {
         Err(e) => e,
@@ -374,17 +319,18 @@ fn syntax_error(with_end: &[u8], at: Position) -> Option<String> {
                 (e.line(), e.column()),
             );
             let text = text.replacen("trailing characters", "expected `,` or `]`", 1);
-            return Some(format!(
+            return Some(DocError::whole(format!(
                 "invalid JSON: {}",
                 relocate(
                     &text,
                     (e.line(), e.column()),
                     place(e.line(), e.column(), at)
                 )
-            ));
+            )));
         }
     };
-    (e.is_syntax() || e.is_eof()).then(|| format!("invalid JSON: {}", reposition(&e, at)))
+    (e.is_syntax() || e.is_eof())
+        .then(|| DocError::whole(format!("invalid JSON: {}", reposition(&e, at))))
 }
 
 /// An element's (line, column) in the document.
@@ -439,10 +385,9 @@ impl Compiler {
         if !valid_name(&k.id) {
             return Err(fail(
                 1,
-                format!(
-                    "{}: {:?} is not 1-256 visible ASCII characters",
+                DocError::new(
                     field("id"),
-                    k.id
+                    format!("{:?} is not 1-256 visible ASCII characters", k.id),
                 ),
                 None,
             ));
@@ -451,38 +396,44 @@ impl Compiler {
         let Some(hash) = parse_hash(&k.hash) else {
             return Err(fail(
                 3,
-                format!(
-                    "{}: not a 64-digit hex SHA-256 ({} characters)",
+                DocError::new(
                     field("hash"),
-                    k.hash.chars().count()
+                    format!(
+                        "not a 64-digit hex SHA-256 ({} characters)",
+                        k.hash.chars().count()
+                    ),
                 ),
                 None,
             ));
         };
         let rest = |message| fail(5, message, Some(hash));
         if !valid_name(&k.owner) {
-            return Err(rest(format!(
-                "{}: {:?} is not 1-256 visible ASCII characters",
+            return Err(rest(DocError::new(
                 field("owner"),
-                k.owner
+                format!("{:?} is not 1-256 visible ASCII characters", k.owner),
             )));
         }
         let expires_at = match &k.expires_at {
             None => None,
             Some(RawExpiry::Unix(t)) => Some(*t),
             Some(RawExpiry::Text(s)) => Some(time::parse_rfc3339(s).ok_or_else(|| {
-                rest(format!(
-                    "{}: {s:?} is not RFC 3339 or Unix seconds",
-                    field("expires_at")
+                rest(DocError::new(
+                    field("expires_at"),
+                    format!("{s:?} is not RFC 3339 or Unix seconds"),
                 ))
             })?),
         };
-        let allowed_ips = IpSet::parse(&k.allowed_ips)
-            .map_err(|e| rest(format!("{}{e}", field("allowed_ips"))))?;
+        let allowed_ips =
+            IpSet::parse(&k.allowed_ips).map_err(|e| rest(e.under(&field("allowed_ips"))))?;
         let plan_limits = match &k.plan {
             None => None,
             Some(p) => match ctx.plans.get(p.as_ref()) {
-                None => return Err(rest(format!("{}: unknown plan {p:?}", field("plan")))),
+                None => {
+                    return Err(rest(DocError::new(
+                        field("plan"),
+                        format!("unknown plan {p:?}"),
+                    )))
+                }
                 Some(l) => l.as_deref(),
             },
         };
@@ -494,7 +445,7 @@ impl Compiler {
             None => plan_limits,
         };
         let Ok(offset) = u32::try_from(self.records.len()) else {
-            return Err(rest(format!("{}: the list is too large", field("id"))));
+            return Err(rest(DocError::new(field("id"), "the list is too large")));
         };
         let entry = Entry {
             hash,
@@ -543,13 +494,13 @@ impl Compiler {
     }
 
     /// The whole-list checks (unique ids and hashes), then the list in hash order.
-    fn finish(mut self, version: Option<String>) -> Result<KeyList, String> {
+    fn finish(mut self, version: Option<String>) -> Result<KeyList, DocError> {
         // Candidates ordered as the checks of one key after another would meet them.
-        let mut first: Option<(usize, u8, String)> = self
+        let mut first: Option<(usize, u8, DocError)> = self
             .failed
             .as_ref()
             .map(|f| (f.index, f.stage, f.message.clone()));
-        let mut offer = |index: usize, stage: u8, message: &dyn Fn() -> String| {
+        let mut offer = |index: usize, stage: u8, message: &dyn Fn() -> DocError| {
             if first
                 .as_ref()
                 .is_none_or(|(i, s, _)| (index, stage) < (*i, *s))
@@ -576,7 +527,7 @@ impl Compiler {
         if let Some(off) = dup_id {
             let (index, id) = (self.index_of(off), self.body_at(off).1);
             offer(index, 2, &|| {
-                format!("keys[{index}].id: duplicate id {id:?}")
+                DocError::new(format!("keys[{index}].id"), format!("duplicate id {id:?}"))
             });
         }
         if let Some(id) = failed_id
@@ -592,7 +543,10 @@ impl Compiler {
                 .any(|e| self.body_at(*e).1 == id)
             {
                 offer(failed_at, 2, &|| {
-                    format!("keys[{failed_at}].id: duplicate id {id:?}")
+                    DocError::new(
+                        format!("keys[{failed_at}].id"),
+                        format!("duplicate id {id:?}"),
+                    )
                 });
             }
         }
@@ -616,7 +570,10 @@ impl Compiler {
         if let Some(off) = dup_hash {
             let (index, id) = (self.index_of(off), self.body_at(off).1);
             offer(index, 4, &|| {
-                format!("keys[{index}].hash: duplicate hash (key {id:?})")
+                DocError::new(
+                    format!("keys[{index}].hash"),
+                    format!("duplicate hash (key {id:?})"),
+                )
             });
         }
         if let Some(f) = self.failed.as_ref().filter(|f| f.stage == 5) {
@@ -630,7 +587,10 @@ impl Compiler {
                     .any(|e| *self.body_at(*e).0 == hash)
                 {
                     offer(failed_at, 4, &|| {
-                        format!("keys[{failed_at}].hash: duplicate hash (key {id:?})")
+                        DocError::new(
+                            format!("keys[{failed_at}].hash"),
+                            format!("duplicate hash (key {id:?})"),
+                        )
                     });
                 }
             }
@@ -865,7 +825,7 @@ mod tests {
             ),
         ];
         for (json, needles) in cases {
-            let e = parse(json.as_bytes()).unwrap_err();
+            let e = parse(json.as_bytes()).unwrap_err().to_string();
             for n in needles {
                 assert!(e.contains(n), "error {e:?} for {json} lacks {n:?}");
             }
@@ -892,8 +852,8 @@ mod tests {
             .as_bytes(),
         )
         .unwrap_err();
-        assert!(e.contains("keys[0].sites[0]"), "{e}");
-        let e = parse(br#"{"keys":[{"id":"a"},"#).unwrap_err();
+        assert_eq!(e.path, "keys[0].sites[0]", "{e}");
+        let e = parse(br#"{"keys":[{"id":"a"},"#).unwrap_err().to_string();
         assert!(e.starts_with("invalid JSON"), "{e}");
     }
 
@@ -916,6 +876,7 @@ mod chunked {
 
     fn answer(doc: &[u8], chunk: usize) -> Result<(usize, Vec<Vec<u8>>), String> {
         read(&mut scan::Slice { data: doc, chunk }, doc.len())
+            .map_err(|e| e.to_string())
             .map(|l| (l.len(), l.records().map(<[u8]>::to_vec).collect()))
     }
 

@@ -56,7 +56,8 @@ fn decoded_by_normalize(b: u8) -> bool {
 ///   unreserved character; every other escape is kept with its hex in upper case, so `%3f` and
 ///   `%3F` compare equal. A `%` that does not start a valid escape becomes `%25`, so the output
 ///   never holds a `%` that a second pass could pair with decoded digits (idempotence).
-/// - `\` reads as `/`; runs of `/` merge; `.` and `..` segments resolve, never above the root.
+/// - `\` reads as `/`; each segment's path parameters (a literal `;` to the end of the segment)
+///   are removed; runs of `/` merge; `.` and `..` segments resolve, never above the root.
 /// - The result starts with `/`. A trailing slash is kept, and a final `.` or `..` segment leaves
 ///   one (`/a/b/..` → `/a/`), as in RFC 3986 dot-segment removal; an empty path becomes `/`.
 pub fn normalize(path: &str) -> String {
@@ -87,10 +88,17 @@ pub fn normalize(path: &str) -> String {
         }
     }
 
-    // Pass 2: resolve segments. A final `.`/`..` (or an empty last segment) leaves a trailing `/`.
+    // Pass 2: resolve segments. Each segment's path parameters go first (SPEC §3: from a
+    // literal `;` to the end of the segment, as servlet containers read them, so `/public/..;/x`
+    // is `/x`; `%3B` was kept encoded above and is no delimiter). A final `.`/`..` (or an empty
+    // last segment) leaves a trailing `/`.
     let mut segments: Vec<&[u8]> = Vec::new();
     let mut trailing_slash = false;
     for seg in decoded.split(|&b| b == b'/') {
+        let seg = match seg.iter().position(|&b| b == b';') {
+            Some(at) => seg.get(..at).unwrap_or_default(),
+            None => seg,
+        };
         trailing_slash = true;
         match seg {
             b"" | b"." => {}
@@ -173,19 +181,46 @@ fn split_param(param: &str) -> (&str, &str) {
     }
 }
 
-/// Whether a raw parameter's name, decoded as a query string (`+` is space), equals `name`.
+/// Whether a raw parameter's name, decoded as a query string (`%XX`, and `+` is space), equals
+/// `name`. Compared as it is decoded: nothing is allocated per parameter.
 fn param_named(param: &str, name: &str) -> bool {
     let (raw_name, _) = split_param(param);
-    decode(raw_name.as_bytes(), true) == name.as_bytes()
+    let raw = raw_name.as_bytes();
+    let mut want = name.as_bytes().iter();
+    let mut i = 0;
+    while let Some((&b, rest)) = raw.get(i..).and_then(<[u8]>::split_first) {
+        let (decoded, step) = match b {
+            b'%' => match escape_at(rest) {
+                Some(d) => (d, 3),
+                None => (b'%', 1),
+            },
+            b'+' => (b' ', 1),
+            b => (b, 1),
+        };
+        if want.next() != Some(&decoded) {
+            return false;
+        }
+        i += step;
+    }
+    want.next().is_none()
 }
 
-/// Value of the first query parameter whose decoded name equals `name`, decoded as a query
-/// string (`+` is space, `%XX` decoded); a parameter without `=` yields an empty value.
+/// Value of the first query parameter whose decoded name equals `name`, percent-decoded
+/// (SPEC §3 step 5: `%XX` escapes only, `+` stays `+`); a parameter without `=` yields an empty
+/// value.
 pub fn query_param(query: &str, name: &str) -> Option<Vec<u8>> {
-    query
+    query_param_counted(query, name).map(|(v, _)| v)
+}
+
+/// Like [`query_param`], with how many parameters of that name the query holds (a credential
+/// given twice is ambiguous, SPEC §3 step 5).
+pub fn query_param_counted(query: &str, name: &str) -> Option<(Vec<u8>, usize)> {
+    let mut matching = query
         .split('&')
-        .find(|p| !p.is_empty() && param_named(p, name))
-        .map(|p| decode(split_param(p).1.as_bytes(), true))
+        .filter(|p| !p.is_empty() && param_named(p, name));
+    let first = matching.next()?;
+    let count = 1 + matching.count();
+    Some((percent_decode(split_param(first).1.as_bytes()), count))
 }
 
 /// Removes every occurrence of query parameter `name` (compared as [`query_param`] compares,
@@ -310,6 +345,25 @@ mod tests {
     }
 
     #[test]
+    fn normalize_removes_path_parameters() {
+        assert_eq!(n("/public/..;/admin/users"), "/admin/users");
+        assert_eq!(n("/public/..;x=1/admin"), "/admin");
+        assert_eq!(n("/public;jsessionid=1/x"), "/public/x");
+        assert_eq!(n("/admin;/users"), "/admin/users");
+        assert_eq!(n("/.;/admin"), "/admin");
+        assert_eq!(n("/a;x/b;y;z/c;"), "/a/b/c");
+        assert_eq!(n("/;x/admin"), "/admin");
+        assert_eq!(n("/a/;x"), "/a/");
+        assert_eq!(n("/a/b/..;"), "/a/");
+        assert_eq!(n("/a\\..;\\b"), "/b");
+        assert_eq!(n("/a%2F..;%2Fb"), "/b");
+        // `%3B` is not a delimiter: it stays in the segment.
+        assert_eq!(n("/public%3B/../admin"), "/admin");
+        assert_eq!(n("/admin%3bx/users"), "/admin%3Bx/users");
+        assert_eq!(n("/..%3B/admin"), "/..%3B/admin");
+    }
+
+    #[test]
     fn normalize_slashes() {
         assert_eq!(n("//a///b"), "/a/b");
         assert_eq!(n("\\a\\b"), "/a/b");
@@ -326,7 +380,7 @@ mod tests {
     #[test]
     fn normalize_keeps_non_ascii() {
         assert_eq!(n("/café/../é"), "/é");
-        assert_eq!(n("/a;b=c"), "/a;b=c");
+        assert_eq!(n("/a;b=c"), "/a");
     }
 
     #[test]
@@ -412,8 +466,23 @@ mod tests {
         assert_eq!(query_param("api_key=abc", "api_key"), Some(b"abc".to_vec()));
         assert_eq!(
             query_param("a=1&api_key=x%2By+z&api_key=second", "api_key"),
-            Some(b"x+y z".to_vec())
+            Some(b"x+y+z".to_vec())
         );
+        assert_eq!(
+            query_param_counted("a=1&api_key=x%2By+z&api_key=second", "api_key"),
+            Some((b"x+y+z".to_vec(), 2))
+        );
+        assert_eq!(
+            query_param_counted("api_key=&api%5Fkey=k", "api_key"),
+            Some((Vec::new(), 2))
+        );
+        assert_eq!(
+            query_param("api_key=a%20b+c", "api_key"),
+            Some(b"a b+c".to_vec())
+        );
+        assert_eq!(query_param("api+key=1", "api key"), Some(b"1".to_vec()));
+        assert_eq!(query_param("api%2key=1", "api%2key"), Some(b"1".to_vec()));
+        assert_eq!(query_param("api_ke=1", "api_key"), None);
         assert_eq!(query_param("api%5Fkey=v", "api_key"), Some(b"v".to_vec()));
         assert_eq!(query_param("api_key", "api_key"), Some(Vec::new()));
         assert_eq!(query_param("api_key=", "api_key"), Some(Vec::new()));

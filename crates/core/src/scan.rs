@@ -150,11 +150,26 @@ pub fn scan(body: &mut dyn Body, keep_head: bool, sink: &mut dyn Sink) -> Outlin
         head_line: 1,
         head_line_start: 0,
     };
+    // SPEC §2: a leading byte-order mark is ignored. It is read as three spaces, so that every
+    // position reported afterwards is still the document's.
+    let bom = starts_with_bom(body);
     let mut offset = 0;
     loop {
         let chunk = body.read(offset, CHUNK);
         if chunk.is_empty() {
             break;
+        }
+        if bom && offset < crate::json::BOM.len() {
+            let mut blanked = chunk.into_owned();
+            for b in blanked
+                .iter_mut()
+                .take(crate::json::BOM.len().saturating_sub(offset))
+            {
+                *b = b' ';
+            }
+            s.chunk(&blanked, offset);
+            offset += blanked.len();
+            continue;
         }
         s.chunk(&chunk, offset);
         offset += chunk.len();
@@ -179,6 +194,20 @@ pub fn scan(body: &mut dyn Body, keep_head: bool, sink: &mut dyn Sink) -> Outlin
         }
     }
     s.out
+}
+
+/// Whether the body starts with a UTF-8 byte-order mark (read however small its chunks are).
+fn starts_with_bom(body: &mut dyn Body) -> bool {
+    let want = crate::json::BOM;
+    let mut head = Vec::with_capacity(want.len());
+    while head.len() < want.len() {
+        let chunk = body.read(head.len(), want.len() - head.len());
+        if chunk.is_empty() {
+            break;
+        }
+        head.extend_from_slice(&chunk);
+    }
+    head.starts_with(want)
 }
 
 fn is_space(b: u8) -> bool {

@@ -97,6 +97,36 @@ fn corpus() -> Vec<String> {
         out.push(whole.replace(':', "  :  ").replace(',', " ,\n\t"));
         out.push(whole);
     }
+    // SPEC §2 JSON rules (issue 12): appended, so that the entries above keep their numbers.
+    let k = |extra: &str| format!(r#"{{"id":"a","hash":"{H1}","owner":"o"{extra}}}"#);
+    out.extend([
+        format!("{{\"keys\":[{}]}} x", k("")),
+        format!("{{\"keys\":[{}]}}\n\t \n", k("")),
+        format!("{{\"keys\":[{}]}}{{}}", k("")),
+        format!("\u{feff}{{\"keys\":[{}]}}", k("")),
+        format!("\u{feff}\u{feff}{{\"keys\":[{}]}}", k("")),
+        format!(r#"{{"owners":{{"o":{{"status":"disabled"}},"o":{{}}}},"keys":[{}]}}"#, k("")),
+        format!(r#"{{"keys":[{}],"owners":{{"o":{{}},"o":{{"status":"disabled"}}}}}}"#, k("")),
+        format!(r#"{{"plans":{{"p":{{}},"p":{{"rate_limits":[]}}}},"keys":[{}]}}"#, k("")),
+        format!(r#"{{"owners":{{"o":{{"status":"active","status":"disabled"}}}},"keys":[{}]}}"#, k("")),
+        format!(r#"{{"version":"a","version":"b","keys":[{}]}}"#, k("")),
+        format!(r#"{{"keys":[{}]}}"#, k(r#","id":"b""#)),
+        format!(r#"{{"keys":[{}]}}"#, k(r#","scopes":[],"scopes":["*"]"#)),
+        format!(r#"{{"keys":[{}]}}"#, k(r#","rate_limits":[{"limit":1,"window_s":1,"limit":2}]"#)),
+        format!(r#"{{"keys":[{}]}}"#, k(r#","meta":{"a":{"b":1,"b":2}}"#)),
+        format!(r#"{{"keys":[{}]}}"#, k(r#","name":"x","name":"y""#)),
+        format!(r#"{{"meta":{{"x":[{{"y":1,"y":1}}]}},"keys":[{}]}}"#, k("")),
+        format!(r#"{{"keys":[{}]}}"#, k(r#","alowed_ips":["10.0.0.0/8"]"#)),
+        format!(r#"{{"keys":[{}],"extra":1}}"#, k("")),
+        format!(r#"{{"owners":{{"o":{{"limits":[]}}}},"keys":[{}]}}"#, k("")),
+        format!(r#"{{"plans":{{"p":{{"rate_limit":[]}}}},"keys":[{}]}}"#, k("")),
+        format!(r#"{{"keys":[{}]}}"#, k(r#","rate_limits":[{"limit":1,"window_s":1,"burst":2}]"#)),
+        format!(
+            r#"{{"meta":{{"by":"ops"}},"owners":{{"o":{{"rate_limits":[{{"limit":5,"window_s":60}}]}}}},"keys":[{}]}}"#,
+            k(r#","meta":null,"name":"n","description":{"x":[1]},"created_at":"2026-01-01T00:00:00Z","updated_at":1,"last_used_at":null"#)
+        ),
+        format!(r#"{{"owners":{{"o":{{"rate_limits":[{{"limit":5,"window_s":0}}]}}}},"keys":[{}]}}"#, k("")),
+    ]);
     out
 }
 

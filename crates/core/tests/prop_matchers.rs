@@ -188,6 +188,7 @@ proptest! {
     #[test]
     fn ipset_parse_never_panics(entries in prop::collection::vec("[0-9a-fA-F:./ \\[\\]%]{0,24}", 0..8)) {
         if let Err(e) = IpSet::parse(&entries) {
+            let e = e.to_string();
             prop_assert!(e.starts_with('[') && e.contains("]: invalid CIDR \""));
         }
     }

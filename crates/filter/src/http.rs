@@ -1,8 +1,10 @@
 //! One HTTP request: read what the decision needs in as few host calls as possible, apply the
-//! outcome, and add rate-limit headers to the upstream's response (only there: Envoy also runs
-//! the response hook for our own local replies, which carry their headers already). In global
-//! mode a request whose key has limits is paused while the Rate Limit Service is asked
-//! (`dispatch_grpc_call`), and resumed once `decision::settle` decided on its answer.
+//! One HTTP request: read what the decision needs in as few host calls as possible, apply the
+//! outcome, and set rate-limit headers on the upstream's response, replacing any of the same
+//! name the upstream sent (SPEC §4; only there: Envoy also runs the response hook for our own
+//! local replies, which carry their headers already). In global mode a request whose key has
+//! limits is paused while the Rate Limit Service is asked (`dispatch_grpc_call`), and resumed
+//! once `decision::settle` decided on its answer.
 
 use super::host::{now_ms, HostStore};
 use super::nginx;
@@ -130,8 +132,8 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let add = std::mem::take(&mut self.response_headers);
-        timed!(phase::RESPONSE_HEADERS, self.add_response_headers(add));
+        let set = std::mem::take(&mut self.response_headers);
+        timed!(phase::RESPONSE_HEADERS, self.set_response_headers(set));
         Action::Continue
     }
 }
@@ -199,11 +201,12 @@ impl Http {
         Action::Continue
     }
 
-    /// One `add` per header: reading the map and writing it back costs several times more,
-    /// because the host has to allocate the map's copy inside the VM.
-    fn add_response_headers(&self, add: Vec<(String, String)>) {
-        for (name, value) in add {
-            self.add_http_response_header(&name, &value);
+    /// One `replace` per header (SPEC §4: keygate's value replaces every one of that name the
+    /// upstream sent, so the client sees one): reading the map and writing it back costs several
+    /// times more, because the host has to allocate the map's copy inside the VM.
+    fn set_response_headers(&self, set: Vec<(String, String)>) {
+        for (name, value) in set {
+            self.set_http_response_header(&name, Some(&value));
         }
     }
 }

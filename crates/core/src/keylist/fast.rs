@@ -239,6 +239,79 @@ mod tests {
         assert!(parse(bad_utf8).is_none());
     }
 
+    use proptest::prelude::*;
+
+    /// One member of a key as a generator may write it: the known fields with good and odd
+    /// values, metadata, unknown names, escapes and repeats.
+    fn member() -> impl Strategy<Value = String> {
+        let name = prop_oneof![
+            Just("id"),
+            Just("hash"),
+            Just("owner"),
+            Just("status"),
+            Just("plan"),
+            Just("expires_at"),
+            Just("allowed_ips"),
+            Just("sites"),
+            Just("scopes"),
+            Just("rate_limits"),
+            Just("meta"),
+            Just("name"),
+            Just("created_at"),
+            Just("alowed_ips"),
+            Just("i\\u0064"),
+            Just("Id"),
+        ];
+        let value = prop_oneof![
+            Just(r#""k""#.to_string()),
+            Just(r#""a\"b""#.to_string()),
+            Just(r#""é""#.to_string()),
+            Just("null".to_string()),
+            Just("0".to_string()),
+            Just("1735689600".to_string()),
+            Just("-1".to_string()),
+            Just("1.5".to_string()),
+            Just("01".to_string()),
+            Just("[]".to_string()),
+            Just(r#"["10.0.0.0/8"," ::1 "]"#.to_string()),
+            Just(r#"["a",]"#.to_string()),
+            Just(r#"[{"limit":1,"window_s":1}]"#.to_string()),
+            Just(r#"{"x":1,"x":2}"#.to_string()),
+            Just(r#"{}"#.to_string()),
+            Just(r#""2025-01-01T00:00:00Z""#.to_string()),
+            "[a-z0-9:/*.-]{0,8}".prop_map(|s| format!("{s:?}")),
+        ];
+        (name, value, prop_oneof![Just(""), Just(" "), Just("\n\t")])
+            .prop_map(|(n, v, ws)| format!("{ws}\"{n}\"{ws}:{ws}{v}{ws}"))
+    }
+
+    proptest! {
+        /// The differential property: on generated keys, whatever the fast path accepts serde
+        /// accepts with the same fields, and whatever serde rejects the fast path declines.
+        #[test]
+        fn fast_path_agrees_with_serde_on_generated_keys(
+            members in proptest::collection::vec(member(), 0..8),
+            base in any::<bool>(),
+            tail in prop_oneof![Just(""), Just(" "), Just(" x"), Just(","), Just("}")],
+        ) {
+            let mut all = if base {
+                vec![r#""id":"k1""#.to_string(), r#""hash":"ab""#.to_string(), r#""owner":"o""#.to_string()]
+            } else {
+                Vec::new()
+            };
+            all.extend(members);
+            let doc = format!("{{{}}}{tail}", all.join(","));
+            let fast = parse(doc.as_bytes());
+            let de = &mut serde_json::Deserializer::from_str(&doc);
+            let slow = RawKey::deserialize(&mut *de).and_then(|k| de.end().map(|_| k));
+            match (fast, slow) {
+                (None, _) => {}
+                (Some(f), Ok(s)) => prop_assert_eq!(fields(&f), fields(&s)),
+                (Some(f), Err(e)) => prop_assert!(false, "fast accepted {} as {} but serde says {}", doc, fields(&f), e),
+            }
+        }
+    }
+
     #[test]
     fn any_cut_or_mangled_byte_is_declined_or_read_as_serde_reads_it() {
         let doc = r#"{"id":"k-1","hash":"9f86","owner":"org","plan":"p","expires_at":1700000000,"scopes":["a","b:*"],"allowed_ips":["10.0.0.1"]}"#;

@@ -297,7 +297,9 @@ fn global_configuration_fields_and_errors() {
     let err = |extra: Value| {
         let mut v = json!({"key_list": {"cluster": "k", "path": "/"}});
         merge(&mut v, extra);
-        keygate_core::config::parse(v.to_string().as_bytes()).unwrap_err()
+        keygate_core::config::parse(v.to_string().as_bytes())
+            .unwrap_err()
+            .to_string()
     };
     for (extra, needles) in [
         (
