@@ -40,8 +40,12 @@ KEYS = {
     "ak_slow": {"rate_limits": [lim(100, 60)]},
     "ak_broken": {"rate_limits": [lim(100, 60)]},
     "ak_back": {"rate_limits": [lim(100, 60)]},
+    "ak_o1": {"owner": "org-g", "rate_limits": [lim(1000, 60)]},
+    "ak_o2": {"owner": "org-g", "rate_limits": []},
+    "ak_o3": {"owner": "org-g", "rate_limits": [lim(1000, 3600)]},
 }
-DOC = {"version": "global-1", "keys": [key(k[3:], k, **extra) for k, extra in KEYS.items()]}
+DOC = {"version": "global-1", "owners": {"org-1": {}, "org-g": {"rate_limits": [lim(12, 60)]}},
+       "keys": [key(k[3:], k, **extra) for k, extra in KEYS.items()]}
 
 
 def rls_cluster(port: int) -> dict:
@@ -169,6 +173,34 @@ def test_64_connections_over_two_envoys_allow_exactly_the_limit(fleet):
     statuses = [r.status for r in results]
     assert statuses.count(200) == L, {s: statuses.count(s) for s in set(statuses)}
     assert statuses.count(429) == N - L, {s: statuses.count(s) for s in set(statuses)}
+
+
+def test_an_owners_limit_is_shared_by_its_keys_across_two_envoys(fleet):
+    a, b = fleet.envoys["a"], fleet.envoys["b"]
+    L, W = 12, 60
+    ensure_window(W, 20)
+    out: list = []
+    lock = threading.Lock()
+
+    def run(env, secret):
+        rs = env.request_many(10, "GET", "/owner", kh(secret), workers=10)
+        with lock:
+            out.extend(rs)
+
+    threads = [threading.Thread(target=run, args=(env, s))
+               for env, s in ((a, "ak_o1"), (b, "ak_o2"), (a, "ak_o3"), (b, "ak_o1"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    statuses = [r.status for r in out]
+    assert statuses.count(200) == L, {s: statuses.count(s) for s in set(statuses)}
+    remaining = sorted(int(r.headers["x-ratelimit-remaining"]) for r in out if r.status == 200)
+    assert remaining == list(range(L)), remaining
+    # The owner's descriptor went out with each key's own.
+    req = fleet.rls.requests[-1]
+    assert [(e.key, e.value) for e in req.descriptors[-1].entries] == [("keygate_owner", "org-g"),
+                                                                       ("window_s", "60")]
 
 
 def test_the_tightest_limit_of_several_windows_is_described(fleet):

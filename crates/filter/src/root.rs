@@ -10,6 +10,7 @@ use keygate_core::bucket_cache::BucketCache;
 use keygate_core::config;
 use keygate_core::counters;
 use keygate_core::decision::ListState;
+use keygate_core::keylist;
 use keygate_core::loader::{Answer, Loader, Report};
 use keygate_core::publish;
 use keygate_core::rls;
@@ -172,6 +173,9 @@ impl RootContext for Root {
         counters::ensure_counter_slots(&HostStore);
         self.loader
             .configure(&HostStore, &config.key_list, now_ns());
+        self.loader.set_rules(keylist::Rules {
+            unit_windows: config.global.is_some(),
+        });
         let source_id = config.key_list.source_id();
         let grpc_service = config
             .global

@@ -343,3 +343,81 @@ fn global_configuration_fields_and_errors() {
     // Without global mode any window is fine.
     config(json!({"rate_limit": {"default": [{"limit": 5, "window_s": 7}]}}));
 }
+
+#[test]
+fn global_owner_limits_are_descriptors_too() {
+    let d = doc(
+        json!({"owners": {OWNER: {"rate_limits": [{"limit": 4, "window_s": 60}]}}}),
+        vec![
+            key_entry(
+                "k_a",
+                "ak_a",
+                json!({"rate_limits": [{"limit": 100, "window_s": 60}]}),
+            ),
+            key_entry("k_b", "ak_b", json!({"rate_limits": []})),
+        ],
+    );
+    let mut g = Gate::with_doc(global_cfg("deny"), d.clone());
+    let mut local = Gate::with_doc(json!({}), d);
+    let mut rls = ModelRls::default();
+    for i in 0..6 {
+        let k = ["ak_a", "ak_b"][i % 2];
+        let want = local.run(&get("/x").key(k));
+        let (got, _) = g.run_global(
+            &get("/x").key(k),
+            NOW,
+            |c| {
+                let ds = c.descriptors();
+                assert_eq!(ds.last().unwrap().subject, Subject::Owner);
+                assert_eq!(ds.last().unwrap().id, OWNER);
+                Some(rls.answer(&ds, NOW))
+            },
+            GlobalAnswer::Unavailable,
+        );
+        assert_eq!(got, want, "request {i}");
+    }
+}
+
+#[test]
+fn global_a_document_window_the_protocol_cannot_express_is_rejected_naming_the_limit() {
+    use keygate_core::keylist::{parse_with, Rules};
+    let rules = Rules { unit_windows: true };
+    let base = |top: Value, key: Value| doc(top, vec![the_key(key)]).to_string();
+    for (text, path) in [
+        (
+            base(
+                json!({}),
+                json!({"rate_limits": [{"limit": 1, "window_s": 60}, {"limit": 1, "window_s": 30}]}),
+            ),
+            "keys[0].rate_limits[1].window_s",
+        ),
+        (
+            base(
+                json!({"plans": {"p": {"rate_limits": [{"limit": 1, "window_s": 7}]}}}),
+                json!({"plan": "p"}),
+            ),
+            "plans.p.rate_limits[0].window_s",
+        ),
+        (
+            base(
+                json!({"owners": {OWNER: {"rate_limits": [{"limit": 1, "window_s": 120}]}}}),
+                json!({}),
+            ),
+            "owners.org-1.rate_limits[0].window_s",
+        ),
+    ] {
+        let e = parse_with(text.as_bytes(), rules).unwrap_err();
+        assert_eq!(e.path, path, "{e}");
+        assert!(
+            e.to_string().contains("is not one of 1, 60, 3600, 86400"),
+            "{e}"
+        );
+        // Local mode takes any window.
+        keygate_core::keylist::parse(text.as_bytes()).unwrap();
+    }
+    let ok = base(
+        json!({}),
+        json!({"rate_limits": [{"limit": 1, "window_s": 3600}, {"limit": 1, "window_s": 86400}]}),
+    );
+    parse_with(ok.as_bytes(), rules).unwrap();
+}
