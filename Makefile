@@ -1,7 +1,8 @@
 # keygate — build, test and demo.
 #
 #   make deps    install what is missing (wasm32-wasip1 target, clippy/rustfmt, .venv with Envoy + pytest,
-#                Debian packages docker-registry + skopeo (OCI round trip) and postgresql (key service tests))
+#                Debian packages docker-registry + skopeo (OCI round trip), postgresql (key service
+#                tests) and redis-server (the global-mode tests' Rate Limit Service)
 #   make build   target/wasm32-wasip1/release/keygate.wasm and target/release/keygate (operator CLI)
 #   make test    unit tests, clippy (native + wasm), rustfmt check, integration tests against real Envoy
 #                (including the short form of the faults-under-load run, tests/integration/test_faults.py)
@@ -30,7 +31,7 @@ WASM        := target/$(WASM_TARGET)/release/keygate.wasm
 CLI         := target/release/keygate
 PYTEST_ARGS ?=
 IMAGE_DIR   := target/oci/keygate
-SYS_TOOLS   := docker-registry=docker-registry skopeo=skopeo /usr/lib/postgresql/*/bin/initdb=postgresql
+SYS_TOOLS   := docker-registry=docker-registry skopeo=skopeo /usr/lib/postgresql/*/bin/initdb=postgresql redis-server=redis-server
 
 .PHONY: fuzz fuzz-build bench bench-envoy all deps rust-deps py-deps sys-deps build wasm wasm-timing cli image test unit lint fmt-check integration run clean distclean
 
@@ -61,7 +62,7 @@ $(VENV_STAMP): tests/requirements.txt
 
 # Debian packages the tests need, as `what-to-look-for=package`: a local registry and a second
 # OCI client (tests/integration/test_istio_oci.py), PostgreSQL's server (the key service's
-# tests start their own on loopback). Installed only when missing; as root (CI) with apt-get,
+# tests start their own on loopback), Redis (behind the global-mode tests' Rate Limit Service). Installed only when missing; as root (CI) with apt-get,
 # else with passwordless sudo, else a warning.
 sys-deps:
 	@missing=""; for t in $(SYS_TOOLS); do \

@@ -54,6 +54,7 @@ OBJECTS = {
     "routes[]": {"key_list": MINIMAL_KEY_LIST, "routes": [U]},
     "rate_limit": {"key_list": MINIMAL_KEY_LIST, "rate_limit": U},
     "limit": {"key_list": MINIMAL_KEY_LIST, "rate_limit": {"default": [U]}},
+    "rate_limit.global": {"key_list": MINIMAL_KEY_LIST, "rate_limit": {"global": {"cluster": "c", **U}}},
     "invalid_key_limit": {"key_list": MINIMAL_KEY_LIST, "invalid_key_limit": U},
     "upstream": {"key_list": MINIMAL_KEY_LIST, "upstream": U},
     "errors.<class>": {"key_list": MINIMAL_KEY_LIST, "errors": {"forbidden": U}},

@@ -875,3 +875,57 @@ fn concurrent_new_runs_lose_no_key() {
     }
     assert_eq!(dir.entries(), vec!["keys.json".to_string()]);
 }
+
+#[test]
+fn new_and_check_keys_keep_owner_limits() {
+    let dir = TempDir::new("owners");
+    let f = dir.path("keys.json");
+    fs::write(
+        &f,
+        r#"{"owners":{"org-7":{"status":"active","rate_limits":[{"limit":100,"window_s":60}]}},"keys":[]}"#,
+    )
+    .unwrap();
+    for id in ["k1", "k2"] {
+        let out = run(&[
+            "new",
+            "--list",
+            f.to_str().unwrap(),
+            "--id",
+            id,
+            "--owner",
+            "org-7",
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    }
+    let doc: serde_json::Value = serde_json::from_slice(&fs::read(&f).unwrap()).unwrap();
+    assert_eq!(
+        doc["owners"]["org-7"]["rate_limits"],
+        serde_json::json!([{"limit": 100, "window_s": 60}])
+    );
+    let out = run(&["check-keys", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("ok: 2 keys"));
+
+    fs::write(
+        &f,
+        r#"{"owners":{"org-7":{"rate_limits":[{"limit":1,"window_s":0}]}},"keys":[]}"#,
+    )
+    .unwrap();
+    let out = run(&["check-keys", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("owners.org-7.rate_limits[0].window_s"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(&[
+        "new",
+        "--list",
+        f.to_str().unwrap(),
+        "--id",
+        "k3",
+        "--owner",
+        "org-7",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+}

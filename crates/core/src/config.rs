@@ -116,6 +116,31 @@ pub enum HeaderStyle {
     None,
 }
 
+/// What global mode does when the Rate Limit Service fails (timeout, unavailable, bad reply).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureMode {
+    /// Count that request exactly in this instance's shared data, as without global mode.
+    Local,
+    /// Let the request pass uncounted (no rate-limit headers).
+    Allow,
+    /// Answer `unavailable`.
+    Deny,
+}
+
+/// The global-mode extension (`rate_limit.global`): step 12 asks Envoy's Rate Limit Service
+/// (`envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`, see `rls`) instead of
+/// counting in this instance's shared data, so that a fleet of Envoys shares each limit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GlobalRateLimit {
+    /// The Envoy cluster of the service (HTTP/2).
+    pub cluster: String,
+    /// The descriptor domain sent with every request (default `"keygate"`).
+    pub domain: String,
+    /// How long the service may take, in milliseconds (default 100).
+    pub timeout_ms: u64,
+    pub failure_mode: FailureMode,
+}
+
 /// The identity endpoint extension: keygate answers `path` itself for a valid key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Whoami {
@@ -140,6 +165,8 @@ pub struct Config {
     pub routes: RouteTable,
     pub default_limits: Vec<Limit>,
     pub header_style: HeaderStyle,
+    /// `rate_limit.global`: limits counted by a Rate Limit Service; `None` counts locally.
+    pub global: Option<GlobalRateLimit>,
     pub invalid_key_limit: Option<Limit>,
     pub strip_credential: bool,
     pub key_id_header: Option<String>,
@@ -262,6 +289,79 @@ struct RawRateLimit {
     default: Vec<Limit>,
     #[serde(default = "default_header_style")]
     headers: String,
+    global: Option<RawGlobal>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGlobal {
+    cluster: String,
+    #[serde(default = "default_global_domain")]
+    domain: String,
+    #[serde(default = "default_global_timeout_ms")]
+    timeout_ms: u64,
+    #[serde(default = "default_failure_mode")]
+    failure_mode: String,
+}
+
+fn default_global_domain() -> String {
+    "keygate".to_string()
+}
+fn default_global_timeout_ms() -> u64 {
+    100
+}
+fn default_failure_mode() -> String {
+    "local".to_string()
+}
+
+/// Checks `rate_limit.global`; with it, every default limit needs a window the protocol has.
+fn global(raw: RawGlobal, default: &[Limit]) -> Result<GlobalRateLimit, String> {
+    // The cluster goes out inside a serialised GrpcService: one-byte lengths keep it plain text.
+    if raw.cluster.is_empty()
+        || raw.cluster.len() > 120
+        || !raw.cluster.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(format!(
+            "rate_limit.global.cluster: {:?} is not 1-120 visible ASCII characters",
+            raw.cluster
+        ));
+    }
+    if raw.domain.is_empty() || raw.domain.len() > 256 {
+        return Err(format!(
+            "rate_limit.global.domain: {:?} is not 1-256 characters",
+            raw.domain
+        ));
+    }
+    if raw.timeout_ms == 0 || raw.timeout_ms > 60_000 {
+        return Err(format!(
+            "rate_limit.global.timeout_ms: {} is out of range 1..=60000",
+            raw.timeout_ms
+        ));
+    }
+    let failure_mode = match raw.failure_mode.as_str() {
+        "local" => FailureMode::Local,
+        "allow" => FailureMode::Allow,
+        "deny" => FailureMode::Deny,
+        other => {
+            return Err(format!(
+                "rate_limit.global.failure_mode: {other:?} is not one of \"local\", \"allow\", \"deny\""
+            ))
+        }
+    };
+    for (i, l) in default.iter().enumerate() {
+        if crate::rls::unit_of(l.window_s).is_none() {
+            return Err(format!(
+                "rate_limit.default[{i}].window_s: {}",
+                crate::rls::window_error(l.window_s)
+            ));
+        }
+    }
+    Ok(GlobalRateLimit {
+        cluster: raw.cluster,
+        domain: raw.domain,
+        timeout_ms: raw.timeout_ms,
+        failure_mode,
+    })
 }
 
 fn default_header_style() -> String {
@@ -673,8 +773,8 @@ fn compile(raw: RawConfig) -> Result<Config, DocError> {
         });
     }
 
-    let (default_limits, header_style) = match raw.rate_limit {
-        None => (Vec::new(), HeaderStyle::XRateLimit),
+    let (default_limits, header_style, global) = match raw.rate_limit {
+        None => (Vec::new(), HeaderStyle::XRateLimit, None),
         Some(rl) => {
             validate_limits("rate_limit.default", &rl.default)?;
             let style = match rl.headers.as_str() {
@@ -691,7 +791,12 @@ fn compile(raw: RawConfig) -> Result<Config, DocError> {
                     ))
                 }
             };
-            (rl.default, style)
+            let global = rl
+                .global
+                .map(|g| global(g, &rl.default))
+                .transpose()
+                .map_err(DocError::whole)?;
+            (rl.default, style, global)
         }
     };
 
@@ -838,6 +943,7 @@ fn compile(raw: RawConfig) -> Result<Config, DocError> {
         routes: RouteTable::new(routes),
         default_limits,
         header_style,
+        global,
         invalid_key_limit: raw.invalid_key_limit,
         strip_credential,
         key_id_header,

@@ -12,6 +12,17 @@ fn key_slot(id: &str) -> (u64, String) {
     (tag, key::rate_limit_slot(tag % KEY_SLOTS as u64))
 }
 
+/// An owner's slot: tagged from the owner id behind a NUL byte, which no key id holds (ids are
+/// visible ASCII), so an owner and a key of the same name keep separate counts.
+fn owner_slot(owner: &str) -> (u64, String) {
+    let mut h = ratelimit::fnv1a(&[0]);
+    for b in owner.as_bytes() {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h, key::rate_limit_slot(h % KEY_SLOTS as u64))
+}
+
 fn ip_slot(ip: Option<IpAddr>) -> String {
     let slot = match ip {
         Some(IpAddr::V4(a)) => ratelimit::fnv1a(&a.octets()),
@@ -47,6 +58,21 @@ pub fn count_key(
     now_s: u64,
 ) -> Option<Counted> {
     let (tag, name) = key_slot(id);
+    update(store, &name, |slot| {
+        let (next, counted) = ratelimit::count_in_slot(slot.unwrap_or(&[]), tag, limits, now_s);
+        Step::Write(next, counted)
+    })
+}
+
+/// Counts a request against the limits of `owner` (SPEC §2: shared by all of its keys), in the
+/// same table and the same way as [`count_key`].
+pub fn count_owner(
+    store: &dyn SharedStore,
+    owner: &str,
+    limits: &[Limit],
+    now_s: u64,
+) -> Option<Counted> {
+    let (tag, name) = owner_slot(owner);
     update(store, &name, |slot| {
         let (next, counted) = ratelimit::count_in_slot(slot.unwrap_or(&[]), tag, limits, now_s);
         Step::Write(next, counted)
@@ -95,6 +121,13 @@ mod tests {
             ip_failures(&store, Some("127.0.0.3".parse().unwrap()), &lim[0], 122),
             0
         );
+        // An owner named like a key counts apart from it.
+        let allowed: Vec<bool> = (0..3)
+            .map(|_| count_owner(&store, "k1", &lim, 120).unwrap().allowed())
+            .collect();
+        assert_eq!(allowed, [true, true, false]);
+        assert_ne!(owner_slot("k1").0, key_slot("k1").0);
+        assert_ne!(owner_slot("k1").0, owner_slot("k2").0);
         // Thousands of distinct keys and addresses create no new shared entries.
         for i in 0..5000 {
             count_key(&store, &format!("key{i}"), &lim, 130);

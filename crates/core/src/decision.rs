@@ -4,7 +4,7 @@
 
 use crate::bucket_cache::BucketCache;
 use crate::client_ip;
-use crate::config::{Config, ExemptRule, KeyListSource, SiteSource};
+use crate::config::{Config, ExemptRule, FailureMode, KeyListSource, Limit, SiteSource};
 use crate::counters;
 use crate::credential::{self, Location};
 use crate::path;
@@ -12,6 +12,7 @@ use crate::publish;
 use crate::ratelimit::{self, Counted};
 use crate::record::{self, Found, Located, Record};
 use crate::response::{render_template, Class, RateContext};
+use crate::rls;
 use crate::shared::{self, SharedStore};
 use sha2::{Digest, Sha256};
 use std::cell::OnceCell;
@@ -77,6 +78,10 @@ pub struct Outcome {
     pub new_path: Option<String>,
     /// Headers to set on the upstream's response, replacing any of the same name (SPEC §4).
     pub response_headers: Vec<(String, String)>,
+    /// Global mode only: this outcome (what the request gets if no limit is exceeded) waits
+    /// for the Rate Limit Service; the filter sends `GlobalCheck::request` and hands the answer
+    /// to `settle`. Always `None` in local mode.
+    pub global: Option<Box<GlobalCheck>>,
 }
 
 impl Outcome {
@@ -114,6 +119,7 @@ impl Outcome {
             set_headers: Vec::new(),
             new_path: None,
             response_headers: Vec::new(),
+            global: None,
         }
     }
 }
@@ -507,41 +513,114 @@ fn decide_key(
         }
     }
 
-    // 12. Rate limits.
+    // 12. Rate limits: the key's effective limits and its owner's.
     let limits = record
         .limits()
         .unwrap_or_else(|| cfg.default_limits.clone());
-    let mut rate_headers = Vec::new();
-    if !limits.is_empty() {
-        let Some(counted) = counters::count_key(store, record.id, &limits, now_s) else {
-            // The shared counter could not be updated: refuse rather than over-admit.
-            let mut o = Outcome::new(Kind::Refused(Class::RateLimited));
-            let ctx = RateContext {
-                retry_after: 1,
-                ..Default::default()
-            };
-            o.reply = Some(refusal(
-                cfg,
-                Class::RateLimited,
-                Some((ctx, vec![("retry-after".into(), "1".into())])),
-            ));
-            return with_id(o);
-        };
-        if let Some(t) = counted.tightest() {
-            rate_headers = ratelimit::headers(cfg.header_style, t, now_s)
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect();
-        }
-        if !counted.allowed() {
-            let ctx = rate_context(&counted, now_s);
-            rate_headers.push(("retry-after".into(), ctx.retry_after.to_string()));
-            let mut o = Outcome::new(Kind::Refused(Class::RateLimited));
-            o.reply = Some(refusal(cfg, Class::RateLimited, Some((ctx, rate_headers))));
-            return with_id(o);
-        }
+    let owner_limits = record.owner_limits().unwrap_or_default();
+    let allowed = || allowed_outcome(cfg, req, record, norm_path, method, location);
+    if limits.is_empty() && owner_limits.is_empty() {
+        return with_id(allowed());
     }
+    if cfg.global.is_some() {
+        // Global mode: the filter asks the Rate Limit Service, then calls `settle`.
+        let mut o = allowed();
+        o.global = Some(Box::new(GlobalCheck {
+            key_id: record.id.to_string(),
+            owner: record.owner.to_string(),
+            key_limits: limits,
+            owner_limits,
+        }));
+        return with_id(o);
+    }
+    let counted = count_locally(
+        store,
+        record.id,
+        &limits,
+        record.owner,
+        &owner_limits,
+        now_s,
+    );
+    with_id(apply_counts(cfg, allowed, counted, now_s))
+}
 
+/// Counts a request against a key's limits and its owner's in this instance's shared data;
+/// `None` when a shared counter could not be updated.
+fn count_locally(
+    store: &dyn SharedStore,
+    key_id: &str,
+    limits: &[Limit],
+    owner: &str,
+    owner_limits: &[Limit],
+    now_s: u64,
+) -> Option<Counted> {
+    let mut counted = if limits.is_empty() {
+        Counted { states: Vec::new() }
+    } else {
+        counters::count_key(store, key_id, limits, now_s)?
+    };
+    if !owner_limits.is_empty() {
+        let owned = counters::count_owner(store, owner, owner_limits, now_s)?;
+        counted.states.extend(owned.states);
+    }
+    Some(counted)
+}
+
+/// The outcome once every limit counted the request: `rate_limited` when one is exceeded,
+/// else `allowed()` with the rate-limit headers of the tightest limit (`None`: a shared counter
+/// could not be updated, refused rather than over-admitted).
+fn apply_counts(
+    cfg: &Config,
+    allowed: impl FnOnce() -> Outcome,
+    counted: Option<Counted>,
+    now_s: u64,
+) -> Outcome {
+    let Some(counted) = counted else {
+        let mut o = Outcome::new(Kind::Refused(Class::RateLimited));
+        let ctx = RateContext {
+            retry_after: 1,
+            ..Default::default()
+        };
+        o.reply = Some(refusal(
+            cfg,
+            Class::RateLimited,
+            Some((ctx, vec![("retry-after".into(), "1".into())])),
+        ));
+        return o;
+    };
+    let mut rate_headers: Vec<(String, String)> = match counted.tightest() {
+        Some(t) => ratelimit::headers(cfg.header_style, t, now_s)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        None => Vec::new(),
+    };
+    if !counted.allowed() {
+        let ctx = rate_context(&counted, now_s);
+        rate_headers.push(("retry-after".into(), ctx.retry_after.to_string()));
+        let mut o = Outcome::new(Kind::Refused(Class::RateLimited));
+        o.reply = Some(refusal(cfg, Class::RateLimited, Some((ctx, rate_headers))));
+        return o;
+    }
+    let mut o = allowed();
+    match &mut o.reply {
+        // The identity endpoint answers with the headers itself.
+        Some(reply) => reply.headers.extend(rate_headers),
+        None => o.response_headers = rate_headers,
+    }
+    o
+}
+
+/// What a request that passed every step gets: the identity endpoint's answer, or the edits
+/// for going upstream (without rate-limit headers: `apply_counts` adds them).
+fn allowed_outcome(
+    cfg: &Config,
+    req: &Request,
+    record: &Record,
+    norm_path: &str,
+    method: &str,
+    location: &Location,
+) -> Outcome {
     // Identity endpoint: keygate answers it itself.
     if let Some(w) = cfg
         .whoami
@@ -552,15 +631,13 @@ fn decide_key(
         let body = render_template(&w.body, &RateContext::default())
             .replace("{owner}", &template_value(record.owner, json))
             .replace("{key_id}", &template_value(record.id, json));
-        let mut headers = vec![("content-type".to_string(), w.content_type.clone())];
-        headers.extend(rate_headers);
         let mut o = Outcome::new(Kind::Whoami);
         o.reply = Some(Reply {
             status: w.status,
-            headers,
+            headers: vec![("content-type".to_string(), w.content_type.clone())],
             body,
         });
-        return with_id(o);
+        return o;
     }
 
     // 13. Allowed.
@@ -572,8 +649,125 @@ fn decide_key(
         o.set_headers.push((h.clone(), record.owner.to_string()));
     }
     upstream_edits(cfg, &mut o, req, Some(location));
-    o.response_headers = rate_headers;
-    with_id(o)
+    o
+}
+
+/// Step 12 in global mode, waiting for the Rate Limit Service: the limits of one request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GlobalCheck {
+    pub key_id: String,
+    pub owner: String,
+    /// The key's effective limits.
+    pub key_limits: Vec<Limit>,
+    /// Its owner's limits (SPEC §2), shared by all of the owner's keys.
+    pub owner_limits: Vec<Limit>,
+}
+
+impl GlobalCheck {
+    /// The descriptors of this request (see `rls::descriptors`).
+    pub fn descriptors(&self) -> Vec<rls::Descriptor<'_>> {
+        rls::descriptors(
+            &self.key_id,
+            &self.key_limits,
+            &self.owner,
+            &self.owner_limits,
+        )
+    }
+
+    /// The serialised `RateLimitRequest` to send.
+    pub fn request(&self, domain: &str) -> Vec<u8> {
+        rls::encode_request(domain, &self.descriptors())
+    }
+}
+
+/// How the Rate Limit Service answered, as the host reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GlobalAnswer<'a> {
+    /// gRPC status OK with this serialised `RateLimitResponse`.
+    Reply(&'a [u8]),
+    /// The call timed out (gRPC `DEADLINE_EXCEEDED`).
+    Timeout,
+    /// The call could not start, or ended with any other gRPC status.
+    Unavailable,
+}
+
+/// How a global-mode request was settled, one metric each (`keygate_global_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GlobalResult {
+    /// The service answered.
+    Answered,
+    /// It failed this way, and the failure mode did this.
+    Failed(GlobalFailure, FailureMode),
+}
+
+/// Why a call to the Rate Limit Service failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GlobalFailure {
+    Timeout,
+    Unavailable,
+    /// An answer that is not a well-formed `RateLimitResponse` for the descriptors sent.
+    BadReply,
+}
+
+/// Finishes a request that `decide` left waiting for the Rate Limit Service (`pending.global`
+/// set): the service's counts decide as local counts would; on failure `rate_limit.global.
+/// failure_mode` applies (`local`: count in this instance's shared data). `sent_ms` and
+/// `now_ms`: when the call went out and now, Unix milliseconds.
+pub fn settle(
+    cfg: &Config,
+    store: &dyn SharedStore,
+    mut pending: Outcome,
+    answer: GlobalAnswer,
+    sent_ms: u64,
+    now_ms: u64,
+) -> (Outcome, GlobalResult) {
+    let now_s = now_ms / 1000;
+    let Some(check) = pending.global.take() else {
+        return (pending, GlobalResult::Answered);
+    };
+    let key_id = pending.key_id.take();
+    let with_id = |mut o: Outcome| {
+        o.key_id = key_id.clone();
+        o
+    };
+    let failure = match answer {
+        GlobalAnswer::Reply(bytes) => {
+            match rls::decode_reply(bytes)
+                .and_then(|r| rls::counted(&check.descriptors(), &r, sent_ms, now_ms))
+            {
+                Ok(counted) => {
+                    let o = apply_counts(cfg, || pending, Some(counted), now_s);
+                    return (with_id(o), GlobalResult::Answered);
+                }
+                Err(why) => {
+                    log::warn!("keygate: bad reply from the rate limit service: {why}");
+                    GlobalFailure::BadReply
+                }
+            }
+        }
+        GlobalAnswer::Timeout => GlobalFailure::Timeout,
+        GlobalAnswer::Unavailable => GlobalFailure::Unavailable,
+    };
+    let mode = cfg
+        .global
+        .as_ref()
+        .map_or(FailureMode::Local, |g| g.failure_mode);
+    let o = match mode {
+        FailureMode::Local => {
+            let counted = count_locally(
+                store,
+                &check.key_id,
+                &check.key_limits,
+                &check.owner,
+                &check.owner_limits,
+                now_s,
+            );
+            apply_counts(cfg, || pending, counted, now_s)
+        }
+        FailureMode::Allow => pending,
+        FailureMode::Deny => refused(cfg, Class::Unavailable),
+    };
+    (with_id(o), GlobalResult::Failed(failure, mode))
 }
 
 #[cfg(test)]

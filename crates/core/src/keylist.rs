@@ -97,24 +97,67 @@ pub fn parse(body: &[u8]) -> Result<KeyList, DocError> {
     )
 }
 
-/// What keys resolve against: the plans' limits and the active owners.
+/// What the plugin configuration demands of a document beyond SPEC §2.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rules {
+    /// Global mode (`rate_limit.global`): every window of a key, plan or owner limit must be
+    /// one the Rate Limit Service protocol has (1, 60, 3600 or 86400 s); another rejects the
+    /// document, naming the limit.
+    pub unit_windows: bool,
+}
+
+/// [`parse`] under the configuration's [`Rules`].
+pub fn parse_with(body: &[u8], rules: Rules) -> Result<KeyList, DocError> {
+    read_with(
+        &mut scan::Slice {
+            data: body,
+            chunk: scan::CHUNK,
+        },
+        body.len(),
+        rules,
+    )
+}
+
+/// Validates limits as SPEC §2 does, and their windows under `rules`.
+fn check_limits(field: &str, limits: &[Limit], rules: Rules) -> Result<(), DocError> {
+    validate_limits(field, limits)?;
+    if rules.unit_windows {
+        for (i, l) in limits.iter().enumerate() {
+            if crate::rls::unit_of(l.window_s).is_none() {
+                return Err(DocError::new(
+                    format!("{field}[{i}].window_s"),
+                    crate::rls::window_error(l.window_s),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What keys resolve against: the plans' limits, the active owners and the owners' limits.
 struct Context {
     plans: HashMap<String, Option<Vec<Limit>>, Fnv>,
     owners: Option<HashSet<String, Fnv>>,
+    /// Owners with limits of their own (SPEC §2), counted across all of their keys in step 12.
+    owner_limits: HashMap<String, Vec<Limit>, Fnv>,
+    rules: Rules,
 }
 
-fn context(head: &RawHead) -> Result<Context, DocError> {
+fn context(head: &RawHead, rules: Rules) -> Result<Context, DocError> {
     let mut plans = HashMap::default();
     for (name, plan) in &head.plans {
         if let Some(l) = &plan.rate_limits {
-            validate_limits(&format!("plans.{name}.rate_limits"), l)?;
+            check_limits(&format!("plans.{name}.rate_limits"), l, rules)?;
         }
         plans.insert(name.to_string(), plan.rate_limits.clone());
     }
-    // An owner's own limits (SPEC §2) are checked like a key's; counting them is step 12's.
+    let mut owner_limits = HashMap::default();
     for (name, owner) in head.owners.iter().flatten() {
         if let Some(l) = &owner.rate_limits {
-            validate_limits(&format!("owners.{name}.rate_limits"), l)?;
+            check_limits(&format!("owners.{name}.rate_limits"), l, rules)?;
+            if !l.is_empty() {
+                owner_limits.insert(name.to_string(), l.clone());
+            }
         }
     }
     let owners = head.owners.as_ref().map(|o| {
@@ -123,7 +166,12 @@ fn context(head: &RawHead) -> Result<Context, DocError> {
             .map(|(k, _)| k.to_string())
             .collect()
     });
-    Ok(Context { plans, owners })
+    Ok(Context {
+        plans,
+        owners,
+        owner_limits,
+        rules,
+    })
 }
 
 /// The head parsed (one JSON value and nothing after it but whitespace, SPEC §2), or its error
@@ -155,7 +203,12 @@ fn relocate(text: &str, from: (usize, usize), to: (usize, usize)) -> String {
 /// One pass when `owners` and `plans` come before `keys` (the usual order): keys are compiled
 /// against them as they stream by. Otherwise a second pass reads the keys again.
 pub fn read(body: &mut dyn Body, size: usize) -> Result<KeyList, DocError> {
-    let mut first = Compiler::new(None, size);
+    read_with(body, size, Rules::default())
+}
+
+/// [`read`] under the configuration's [`Rules`].
+pub fn read_with(body: &mut dyn Body, size: usize, rules: Rules) -> Result<KeyList, DocError> {
+    let mut first = Compiler::new(None, size, rules);
     let outline = scan::scan(body, true, &mut first);
     let head = parse_head(&outline.head);
     // Errors in document order, as one parse of the whole document would report them.
@@ -175,7 +228,7 @@ pub fn read(body: &mut dyn Body, size: usize) -> Result<KeyList, DocError> {
         return Err(e);
     }
     let head = head.map_err(|(e, _)| e)?;
-    let ctx = context(&head)?;
+    let ctx = context(&head, rules)?;
     let version = head.version;
     let late = outline
         .names_after_keys
@@ -183,7 +236,7 @@ pub fn read(body: &mut dyn Body, size: usize) -> Result<KeyList, DocError> {
         .any(|n| n == "owners" || n == "plans");
     if first.ctx.is_none() || late {
         drop(first);
-        let mut second = Compiler::new(Some(ctx), size);
+        let mut second = Compiler::new(Some(ctx), size, rules);
         scan::scan(body, false, &mut second);
         if let Some(e) = second.syntax.take() {
             return Err(e);
@@ -218,6 +271,7 @@ struct Compiler {
     /// The first syntax error in an element: it outranks every other error.
     syntax: Option<DocError>,
     failed: Option<Failure>,
+    rules: Rules,
 }
 
 impl Sink for Compiler {
@@ -229,7 +283,7 @@ impl Sink for Compiler {
         let mut doc = head.to_vec();
         doc.extend_from_slice(b"]}");
         if let Ok(h) = parse_head(&doc) {
-            self.ctx = context(&h).ok();
+            self.ctx = context(&h, self.rules).ok();
         }
     }
 
@@ -353,7 +407,7 @@ fn id_tag(id: &str) -> u64 {
 }
 
 impl Compiler {
-    fn new(ctx: Option<Context>, size: usize) -> Compiler {
+    fn new(ctx: Option<Context>, size: usize, rules: Rules) -> Compiler {
         // Sized from the document (a key takes 90+ bytes of JSON and about a third of its
         // JSON as a record): no regrowth copies, and memory reserved but never written costs
         // no RSS.
@@ -367,6 +421,7 @@ impl Compiler {
             count: 0,
             syntax: None,
             failed: None,
+            rules,
         }
     }
 
@@ -439,7 +494,7 @@ impl Compiler {
         };
         let limits = match &k.rate_limits {
             Some(l) => {
-                validate_limits(&field("rate_limits"), l).map_err(rest)?;
+                check_limits(&field("rate_limits"), l, ctx.rules).map_err(rest)?;
                 Some(&l[..])
             }
             None => plan_limits,
@@ -461,6 +516,7 @@ impl Compiler {
             sites: &k.sites,
             scopes: &k.scopes,
             limits,
+            owner_limits: ctx.owner_limits.get(k.owner.as_ref()).map(|l| &l[..]),
         };
         record::encode(&entry, &mut self.dict, &mut self.scratch, &mut self.records);
         let lead = u32::from_be_bytes([hash[0], hash[1], hash[2], hash[3]]) as u64;

@@ -20,6 +20,7 @@ pub mod publish;
 pub mod ratelimit;
 pub mod record;
 pub mod response;
+pub mod rls;
 pub mod routes;
 pub mod scan;
 pub mod shared;

@@ -117,6 +117,8 @@ pub struct Loader {
     /// A fetch was asked for by `tick` and not yet reported by `dispatched`.
     pending_conditional: Option<bool>,
     publisher: Publisher,
+    /// What the configuration demands of a document beyond SPEC §2 (global mode's windows).
+    rules: keylist::Rules,
 }
 
 impl Loader {
@@ -138,6 +140,12 @@ impl Loader {
         self.source = source.clone();
         // A new configuration may name another source: its schedule starts afresh.
         self.next_fetch_ms = None;
+    }
+
+    /// Sets what the configuration demands of a document beyond SPEC §2 (see
+    /// `keylist::Rules`); a document that breaks a rule is rejected like an invalid one.
+    pub fn set_rules(&mut self, rules: keylist::Rules) {
+        self.rules = rules;
     }
 
     /// This loader's token (0 until configured).
@@ -289,7 +297,7 @@ impl Loader {
             }
             Answer::Response {
                 etag, body_size, ..
-            } => match keylist::read(body, body_size) {
+            } => match keylist::read_with(body, body_size, self.rules) {
                 Err(e) => Report::ended(Fetch::Rejected, Some(format!("document rejected: {e}"))),
                 Ok(list) => self.publish(store, &list, etag, now_ms),
             },

@@ -7,7 +7,7 @@
 //! Bucket: `BUCKET_LIVE`, the dictionary slot (u8) and tag (u64 LE) its records refer to, then
 //! records sorted by hash. Record: varint length of the rest, hash (32), flags (u8), expiry
 //! (zigzag varint, when flagged), id (varint length + bytes), owner, then the allowed IPs, sites,
-//! scopes and limits when flagged. Those last five are fields: `varint(n << 1)` and n bytes
+//! scopes, limits and the owner's limits when flagged. Those last six are fields: `varint(n << 1)` and n bytes
 //! inline, or `varint(i << 1 | 1)` for entry i of the list's dictionary (repeated values are
 //! stored once there). Sites and scopes are varint-prefixed strings back to back; limits are
 //! varint pairs (limit, window_s).
@@ -33,6 +33,7 @@ const FLAG_LIMITS: u8 = 8;
 const FLAG_IPS: u8 = 16;
 const FLAG_SITES: u8 = 32;
 const FLAG_SCOPES: u8 = 64;
+const FLAG_OWNER_LIMITS: u8 = 128;
 
 /// Buckets for `n` keys: about 16 records each, from 2^4 to 2^20 buckets.
 /// The fewest and the most bucket bits a layout has (`bucket_bits`).
@@ -100,6 +101,8 @@ pub struct Entry<'a, S> {
     pub scopes: &'a [S],
     /// The key's own limits, else its plan's; `None` falls back to the configured default.
     pub limits: Option<&'a [Limit]>,
+    /// The owner's limits (SPEC §2), shared by all of its keys; `None` or empty: none.
+    pub owner_limits: Option<&'a [Limit]>,
 }
 
 /// Appends a field: a dictionary reference when the value is (or can be made) an entry.
@@ -143,6 +146,10 @@ pub fn encode<S: AsRef<str>>(
         (!e.allowed_ips.is_empty(), FLAG_IPS),
         (!e.sites.is_empty(), FLAG_SITES),
         (!e.scopes.is_empty(), FLAG_SCOPES),
+        (
+            e.owner_limits.is_some_and(|l| !l.is_empty()),
+            FLAG_OWNER_LIMITS,
+        ),
     ] {
         if on {
             flags |= flag;
@@ -170,7 +177,8 @@ pub fn encode<S: AsRef<str>>(
             put_field(body, value, dict);
         }
     }
-    if let Some(limits) = e.limits {
+    let owner_limits = e.owner_limits.filter(|_| flags & FLAG_OWNER_LIMITS != 0);
+    for limits in [e.limits, owner_limits].into_iter().flatten() {
         value.clear();
         for l in limits {
             varint::put(value, l.limit);
@@ -306,6 +314,20 @@ pub struct Record<'a> {
     sites: &'a [u8],
     scopes: &'a [u8],
     limits: Option<&'a [u8]>,
+    owner_limits: Option<&'a [u8]>,
+}
+
+/// Reads varint pairs `(limit, window_s)` back to back (stops at malformed bytes).
+fn read_limits(bytes: &[u8]) -> Vec<Limit> {
+    let mut c = Cursor(bytes);
+    let mut out = Vec::new();
+    while !c.0.is_empty() {
+        match (c.varint(), c.varint()) {
+            (Some(limit), Some(window_s)) => out.push(Limit { limit, window_s }),
+            _ => break,
+        }
+    }
+    out
 }
 
 impl<'a> Record<'a> {
@@ -331,6 +353,7 @@ impl<'a> Record<'a> {
         let sites = optional(FLAG_SITES)?.unwrap_or_default();
         let scopes = optional(FLAG_SCOPES)?.unwrap_or_default();
         let limits = optional(FLAG_LIMITS)?;
+        let owner_limits = optional(FLAG_OWNER_LIMITS)?;
         Some(Record {
             hash,
             active: flags & FLAG_ACTIVE != 0,
@@ -342,6 +365,7 @@ impl<'a> Record<'a> {
             sites,
             scopes,
             limits,
+            owner_limits,
         })
     }
 
@@ -365,15 +389,13 @@ impl<'a> Record<'a> {
 
     /// The key's own (or plan) limits; `None` means "use the configured default".
     pub fn limits(&self) -> Option<Vec<Limit>> {
-        let mut c = Cursor(self.limits?);
-        let mut out = Vec::new();
-        while !c.0.is_empty() {
-            match (c.varint(), c.varint()) {
-                (Some(limit), Some(window_s)) => out.push(Limit { limit, window_s }),
-                _ => break,
-            }
-        }
-        Some(out)
+        self.limits.map(read_limits)
+    }
+
+    /// The owner's limits, shared by all of its keys (SPEC §2); `None` when it has none (no
+    /// allocation then: the common case costs nothing).
+    pub fn owner_limits(&self) -> Option<Vec<Limit>> {
+        self.owner_limits.map(read_limits)
     }
 }
 
@@ -458,6 +480,7 @@ mod tests {
                     sites: if i == 1 { &["123", "456"][..] } else { &[] },
                     scopes: &["contacts:*"],
                     limits: (i > 0).then_some(if i == 1 { &limits[..] } else { &[] }),
+                    owner_limits: (i == 1).then_some(&limits[1..]),
                 };
                 encode(&e, &mut dict, &mut scratch, &mut bucket);
             }
@@ -468,6 +491,7 @@ mod tests {
             assert_eq!((r.id, r.owner, r.active), ("b", "org-7", false));
             assert_eq!(r.expires_at, Some(-5));
             assert_eq!(r.limits().as_deref(), Some(&limits[..]));
+            assert_eq!(r.owner_limits().as_deref(), Some(&limits[1..]));
             assert_eq!(r.sites().collect::<Vec<_>>(), ["123", "456"]);
             assert_eq!(r.scopes().collect::<Vec<_>>(), ["contacts:*"]);
             assert!(r.ip_allowed(|| Some("10.1.2.3".parse().unwrap())));
@@ -479,10 +503,12 @@ mod tests {
             };
             assert!(r.active && r.ip_allowed(|| None) && r.sites().next().is_none());
             assert_eq!(r.limits(), None);
+            assert_eq!(r.owner_limits(), None);
             let Found::Key(r) = find(&bucket, &hashes[2], &d) else {
                 panic!()
             };
             assert_eq!(r.limits(), Some(vec![]));
+            assert_eq!(r.owner_limits(), None);
             assert_eq!(find(&bucket, &hash("nope"), &d), Found::Absent);
         }
     }
@@ -512,6 +538,10 @@ mod tests {
             sites: &["s"],
             scopes: &["x:*"],
             limits: Some(&[]),
+            owner_limits: Some(&[Limit {
+                limit: 1,
+                window_s: 1,
+            }]),
         };
         encode(&e, &mut dict, &mut Scratch::default(), &mut b);
         for cut in 0..b.len() {

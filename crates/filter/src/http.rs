@@ -1,7 +1,9 @@
 //! One HTTP request: read what the decision needs in as few host calls as possible, apply the
 //! outcome, and set rate-limit headers on the upstream's response, replacing any of the same
 //! name the upstream sent (SPEC §4; only there: Envoy also runs the response hook for our own
-//! local replies, which carry their headers already).
+//! local replies, which carry their headers already). In global mode a request whose key has
+//! limits is paused while the Rate Limit Service is asked (`dispatch_grpc_call`), and resumed
+//! once `decision::settle` decided on its answer.
 
 use super::host::{now_ms, HostStore};
 use super::nginx::{self, Host};
@@ -9,16 +11,24 @@ use super::phase;
 use super::vm::Shared;
 use keygate_core::client_ip;
 use keygate_core::config::{Config, Edits};
-use keygate_core::decision::{self, Kind, Request};
+use keygate_core::decision::{self, GlobalAnswer, Kind, Outcome, Request};
 use keygate_core::response::Class;
+use keygate_core::rls;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::Action;
+use proxy_wasm::types::{Action, BufferType};
 use std::rc::Rc;
+use std::time::Duration;
+
+/// gRPC status `DEADLINE_EXCEEDED`: the call outlived `rate_limit.global.timeout_ms`.
+const GRPC_DEADLINE_EXCEEDED: u32 = 4;
 
 pub struct Http {
     shared: Rc<Shared>,
     response_headers: Vec<(String, String)>,
+    /// Global mode: the outcome waiting for the Rate Limit Service's answer, and when the
+    /// call went out (Unix ms).
+    pending: Option<(Outcome, u64)>,
 }
 
 impl Http {
@@ -26,11 +36,45 @@ impl Http {
         Http {
             shared,
             response_headers: Vec::new(),
+            pending: None,
         }
     }
 }
 
-impl Context for Http {}
+impl Context for Http {
+    fn on_grpc_call_response(&mut self, _token_id: u32, status_code: u32, response_size: usize) {
+        let Some((pending, sent_ms)) = self.pending.take() else {
+            return;
+        };
+        let body = if status_code == 0 {
+            hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, response_size)
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        // Envoy ends a call that outlived its timeout as an upstream 504, which gRPC maps to
+        // UNAVAILABLE: a failure at or after the deadline is a timeout.
+        let timeout_ms = self
+            .shared
+            .config
+            .global
+            .as_ref()
+            .map_or(0, |g| g.timeout_ms);
+        let answer = match status_code {
+            0 => GlobalAnswer::Reply(&body),
+            GRPC_DEADLINE_EXCEEDED => GlobalAnswer::Timeout,
+            _ if now_ms().saturating_sub(sent_ms) >= timeout_ms => GlobalAnswer::Timeout,
+            _ => GlobalAnswer::Unavailable,
+        };
+        let outcome = self.settle(pending, answer, sent_ms);
+        if self.apply(outcome, &[]) == Action::Continue && hostcalls::resume_http_request().is_err()
+        {
+            log::warn!("keygate: could not resume the request after the rate limit service");
+        }
+    }
+}
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
@@ -56,7 +100,8 @@ impl HttpContext for Http {
             source: &source,
         };
         let mut list = s.list.get();
-        let now = timed!(phase::NOW, now_ms() / 1000);
+        let t_ms = timed!(phase::NOW, now_ms());
+        let now = t_ms / 1000;
         let mut outcome = timed!(
             phase::DECIDE,
             decision::decide_cached(
@@ -69,6 +114,46 @@ impl HttpContext for Http {
             )
         );
         s.list.set(list);
+        if let (Some(check), Some(global)) = (outcome.global.as_deref(), &s.config.global) {
+            let message = check.request(&global.domain);
+            let call = hostcalls::dispatch_grpc_call(
+                &s.grpc_service,
+                rls::SERVICE,
+                rls::METHOD,
+                Vec::new(),
+                Some(&message),
+                Duration::from_millis(global.timeout_ms),
+            );
+            if call.is_ok() {
+                self.pending = Some((outcome, t_ms));
+                return Action::Pause;
+            }
+            outcome = self.settle(outcome, GlobalAnswer::Unavailable, t_ms);
+        }
+        self.apply(outcome, &headers)
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let set = std::mem::take(&mut self.response_headers);
+        timed!(phase::RESPONSE_HEADERS, self.set_response_headers(set));
+        Action::Continue
+    }
+}
+
+impl Http {
+    /// `decision::settle` with the metrics of the global call.
+    fn settle(&self, pending: Outcome, answer: GlobalAnswer, sent_ms: u64) -> Outcome {
+        let s = &self.shared;
+        let (outcome, result) =
+            decision::settle(&s.config, &HostStore, pending, answer, sent_ms, now_ms());
+        s.metrics.global(result);
+        outcome
+    }
+
+    /// Carries out a decided outcome: a local reply, or the request's edits. `Continue` when
+    /// the request goes on upstream.
+    fn apply(&mut self, mut outcome: Outcome, headers: &[(&str, &[u8])]) -> Action {
+        let s = &self.shared;
         let host = match s.host.get() {
             Some(known) => known,
             None => {
@@ -103,7 +188,7 @@ impl HttpContext for Http {
         }
         self.response_headers = std::mem::take(&mut outcome.response_headers);
         if host == Host::Nginx {
-            nginx::apply(&s.config, &headers, &outcome);
+            nginx::apply(&s.config, headers, &outcome);
             return Action::Continue;
         }
         // One call per edit: a call that returns nothing is far cheaper than reading the whole
@@ -135,12 +220,6 @@ impl HttpContext for Http {
         });
         #[cfg(feature = "phase-timing")]
         super::phases::request_done();
-        Action::Continue
-    }
-
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let set = std::mem::take(&mut self.response_headers);
-        timed!(phase::RESPONSE_HEADERS, self.set_response_headers(set));
         Action::Continue
     }
 }

@@ -2,7 +2,8 @@
 //! what only the filter can see of its own footprint (shared-data entries, each VM's linear
 //! memory), set once per tick, never per request. None is per key or per client.
 
-use keygate_core::decision::Kind;
+use keygate_core::config::FailureMode;
+use keygate_core::decision::{GlobalFailure, GlobalResult, Kind};
 use keygate_core::loader::Fetch;
 use keygate_core::response::Class;
 use proxy_wasm::hostcalls;
@@ -15,6 +16,8 @@ pub struct Metrics {
     keys_loaded: Option<u32>,
     shared_entries: Option<u32>,
     vm_memory: Option<u32>,
+    /// Global mode only (defined when `rate_limit.global` is set).
+    global: Vec<Option<u32>>,
 }
 
 /// Per VM: `keygate_vm_memory_bytes.vm<N>` (Prometheus: `keygate_vm_memory_bytes_vm<N>`), N the
@@ -42,13 +45,25 @@ const FETCHES: [&str; 4] = [
     "keygate_fetch_rejected",
 ];
 
+/// Global mode: calls the Rate Limit Service answered, each way a call failed, and what the
+/// failure mode then did.
+const GLOBAL: [&str; 7] = [
+    "keygate_global_ok",
+    "keygate_global_timeout",
+    "keygate_global_unavailable",
+    "keygate_global_bad_reply",
+    "keygate_global_fallback_local",
+    "keygate_global_fallback_allow",
+    "keygate_global_fallback_deny",
+];
+
 fn define(kind: MetricType, name: &str) -> Option<u32> {
     hostcalls::define_metric(kind, name).ok()
 }
 
 impl Metrics {
-    /// `vm`: this VM's ordinal, for the per-VM gauge.
-    pub fn define(vm: u64) -> Metrics {
+    /// `vm`: this VM's ordinal, for the per-VM gauge; `global`: global mode's counters too.
+    pub fn define(vm: u64, global: bool) -> Metrics {
         Metrics {
             decisions: DECISIONS
                 .iter()
@@ -61,6 +76,14 @@ impl Metrics {
             keys_loaded: define(MetricType::Gauge, "keygate_keys_loaded"),
             shared_entries: define(MetricType::Gauge, "keygate_shared_entries"),
             vm_memory: define(MetricType::Gauge, &format!("{VM_MEMORY}.vm{vm}")),
+            global: if global {
+                GLOBAL
+                    .iter()
+                    .map(|n| define(MetricType::Counter, n))
+                    .collect()
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -79,6 +102,25 @@ impl Metrics {
             Kind::Refused(c) => 4 + Class::ALL.iter().position(|x| *x == c).unwrap_or(0),
         };
         Self::bump(self.decisions.get(i).copied().flatten());
+    }
+
+    pub fn global(&self, r: GlobalResult) {
+        let bump = |i: usize| Self::bump(self.global.get(i).copied().flatten());
+        match r {
+            GlobalResult::Answered => bump(0),
+            GlobalResult::Failed(why, mode) => {
+                bump(match why {
+                    GlobalFailure::Timeout => 1,
+                    GlobalFailure::Unavailable => 2,
+                    GlobalFailure::BadReply => 3,
+                });
+                bump(match mode {
+                    FailureMode::Local => 4,
+                    FailureMode::Allow => 5,
+                    FailureMode::Deny => 6,
+                });
+            }
+        }
     }
 
     pub fn fetch(&self, f: Fetch) {

@@ -10,13 +10,31 @@ use keygate_core::bucket_cache::BucketCache;
 use keygate_core::config;
 use keygate_core::counters;
 use keygate_core::decision::ListState;
+use keygate_core::keylist;
 use keygate_core::loader::{Answer, Loader, Report};
 use keygate_core::publish;
+use keygate_core::rls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
+
+/// Whether the host can make gRPC calls, asked before global mode is accepted: whether it is
+/// Envoy. Envoy answers `plugin_vm_id` in every context (empty, so unanswered, when the
+/// configuration sets no `vm_id`) and `xds.node` (the whole node, tens of kB: asked only when
+/// the first says nothing). ngx_wasm_module answers neither, and has no gRPC calls (its
+/// `proxy_dispatch_grpc_call` is a stub that fails the filter); nginx is otherwise only
+/// recognisable inside a request (`ngx.*` properties need one).
+fn host_has_grpc_calls() -> bool {
+    let answered = |path: Vec<&str>| {
+        proxy_wasm::hostcalls::get_property(path)
+            .ok()
+            .flatten()
+            .is_some_and(|v| !v.is_empty())
+    };
+    answered(vec!["plugin_vm_id"]) || answered(vec!["xds", "node"])
+}
 
 /// Also how long a worker may answer from its bucket cache after a new list was published.
 const TICK: Duration = Duration::from_millis(100);
@@ -144,17 +162,35 @@ impl RootContext for Root {
                 return false;
             }
         };
+        if config.global.is_some() && !host_has_grpc_calls() {
+            log::error!(
+                "keygate: configuration rejected: rate_limit.global: this host has no gRPC calls \
+                 (ngx_wasm_module implements no proxy_dispatch_grpc_call); global mode needs \
+                 Envoy. Remove rate_limit.global to count limits in this instance."
+            );
+            return false;
+        }
         counters::ensure_counter_slots(&HostStore);
         self.loader
             .configure(&HostStore, &config.key_list, now_ns());
+        self.loader.set_rules(keylist::Rules {
+            unit_windows: config.global.is_some(),
+        });
         let source_id = config.key_list.source_id();
+        let grpc_service = config
+            .global
+            .as_ref()
+            .map(|g| String::from_utf8(rls::grpc_service(&g.cluster)).unwrap_or_default())
+            .unwrap_or_default();
+        // The token's high bits are the VM's place in the order of configuration.
+        let metrics = Metrics::define(self.loader.token() >> 24, config.global.is_some());
         self.shared = Some(Rc::new(Shared {
             config,
             source_id,
             list: Cell::new(ListState::default()),
             buckets: RefCell::new(BucketCache::default()),
-            // The token's high bits are the VM's place in the order of configuration.
-            metrics: Metrics::define(self.loader.token() >> 24),
+            metrics,
+            grpc_service,
             host: Cell::new(None),
         }));
         self.refresh_view();

@@ -20,4 +20,7 @@ pub struct Shared {
     /// The host (Envoy, or nginx with or without the identity variables), learnt on the
     /// first request.
     pub host: Cell<Option<Host>>,
+    /// Global mode: the Rate Limit Service's cluster as a serialised `GrpcService` (what
+    /// `dispatch_grpc_call` takes); empty otherwise.
+    pub grpc_service: String,
 }

@@ -8,6 +8,7 @@
 )] // test code
 
 mod fixtures;
+mod global_mode;
 mod rate_limit_headers;
 mod responses;
 mod step01_identity_headers;

@@ -291,3 +291,122 @@ fn step12_refusals_before_counting_do_not_consume_the_limit() {
     assert_allowed(&o);
     assert_eq!(x_ratelimit(&o).1, Some("0"));
 }
+
+// ---- owner limits (SPEC §2: an owner's `rate_limits`, shared by all of its keys) ----
+
+fn owner_doc(owner_limits: Value) -> Value {
+    doc(
+        json!({"owners": {OWNER: {"rate_limits": owner_limits}, "org-2": {}},
+               "plans": {"big": {"rate_limits": [{"limit": 1000, "window_s": 60}]}}}),
+        vec![
+            key_entry(
+                "k_a",
+                "ak_a",
+                json!({"rate_limits": [{"limit": 100, "window_s": 60}]}),
+            ),
+            key_entry("k_b", "ak_b", json!({"plan": "big"})),
+            key_entry("k_c", "ak_c", json!({})),
+            key_entry("k_none", "ak_none", json!({"rate_limits": []})),
+            key_entry("k_other", "ak_other", json!({"owner": "org-2"})),
+        ],
+    )
+}
+
+#[test]
+fn step12_owner_limits_are_shared_by_all_of_its_keys() {
+    let mut g = Gate::with_doc(json!({}), owner_doc(json!([{"limit": 5, "window_s": 60}])));
+    let keys = ["ak_a", "ak_b", "ak_c", "ak_none"];
+    let mut allowed = 0;
+    for i in 0..12 {
+        let o = g.run(&get("/x").key(keys[i % keys.len()]));
+        if o.kind == Kind::Allowed {
+            allowed += 1;
+            // The owner's limit has the least remaining: it is the one described.
+            assert_eq!(x_ratelimit(&o).0, Some("5"));
+            assert_eq!(x_ratelimit(&o).1, Some((5 - allowed).to_string().as_str()));
+        } else {
+            assert_refused(&o, "rate_limited");
+            assert_eq!(
+                reply_x_ratelimit(&o),
+                (Some("5"), Some("0"), Some(ts(T0 + 60).as_str()))
+            );
+            assert_eq!(reply_hdr(&o, "retry-after"), Some("50"));
+        }
+    }
+    assert_eq!(
+        allowed, 5,
+        "an owner with four keys gets its allowance once"
+    );
+    // Another owner's keys are not held by it, and without limits of their own have no headers.
+    let o = g.run(&get("/x").key("ak_other"));
+    assert_allowed(&o);
+    assert!(no_rate_headers(&o.response_headers));
+    // The next window opens again.
+    assert_allowed(&g.run_at(&get("/x").key("ak_a"), T0 + 60));
+}
+
+#[test]
+fn step12_a_key_is_held_by_the_tighter_of_its_own_and_its_owners_limits() {
+    let mut g = Gate::with_doc(
+        json!({}),
+        owner_doc(json!([{"limit": 50, "window_s": 60}, {"limit": 1000, "window_s": 86400}])),
+    );
+    // k_a's own limit (100/min) vs the owner's 50/min: the owner's has less remaining.
+    let o = g.run(&get("/x").key("ak_a"));
+    assert_eq!(
+        x_ratelimit(&o),
+        (Some("50"), Some("49"), Some(ts(T0 + 60).as_str()))
+    );
+    // A key with a tight limit of its own: its own is described, the owner's still counts.
+    let mut g = Gate::with_doc(
+        json!({}),
+        doc(
+            json!({"owners": {OWNER: {"rate_limits": [{"limit": 3, "window_s": 60}]}}}),
+            vec![
+                key_entry(
+                    "k_tight",
+                    "ak_tight",
+                    json!({"rate_limits": [{"limit": 1, "window_s": 1}]}),
+                ),
+                key_entry("k_loose", "ak_loose", json!({})),
+            ],
+        ),
+    );
+    let o = g.run(&get("/x").key("ak_tight"));
+    assert_eq!(
+        x_ratelimit(&o).0,
+        Some("1"),
+        "0 left of 1/s beats 2 left of 3/min"
+    );
+    assert_eq!(x_ratelimit(&o).1, Some("0"));
+    let o = g.run(&get("/x").key("ak_tight"));
+    assert_refused(&o, "rate_limited");
+    assert_eq!(reply_hdr(&o, "retry-after"), Some("1"));
+    // Both refused requests counted against the owner too: one more for the other key.
+    assert_allowed(&g.run(&get("/x").key("ak_loose")));
+    let o = g.run(&get("/x").key("ak_loose"));
+    assert_refused(&o, "rate_limited");
+    assert_eq!(reply_x_ratelimit(&o).0, Some("3"));
+}
+
+#[test]
+fn step12_an_empty_or_absent_owner_limit_list_counts_nothing() {
+    for limits in [json!([]), Value::Null] {
+        let mut top = json!({"owners": {OWNER: {}}});
+        if !limits.is_null() {
+            top = json!({"owners": {OWNER: {"rate_limits": limits}}});
+        }
+        let mut g = Gate::with_doc(
+            json!({}),
+            doc(
+                top,
+                vec![key_entry("k_none", "ak_none", json!({"rate_limits": []}))],
+            ),
+        );
+        for _ in 0..20 {
+            let o = g.run(&get("/x").key("ak_none"));
+            assert_allowed(&o);
+            assert!(no_rate_headers(&o.response_headers));
+        }
+    }
+}
