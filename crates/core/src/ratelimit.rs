@@ -129,7 +129,13 @@ pub fn count_in_slot(slot: &[u8], tag: u64, limits: &[Limit], now_s: u64) -> (Ve
     let mut written = 0u8;
     for l in limits {
         let w = l.window_s.max(1);
-        let start = window_start(now_s, w);
+        let stored = previous.chunks_exact(WINDOW).find(|c| read_u64(c, 0) == w);
+        // A request whose clock reading is older than a window another worker has already
+        // opened counts in that newer window: a window never moves backwards, which would
+        // restart it at 1 and let both windows admit up to the limit.
+        let start = stored.map_or(window_start(now_s, w), |c| {
+            window_start(now_s, w).max(read_u64(c, 8))
+        });
         // Two limits with the same window share one counter.
         let already = states.iter().any(|s: &LimitState| s.window_s == w);
         let count = if already {
@@ -139,9 +145,8 @@ pub fn count_in_slot(slot: &[u8], tag: u64, limits: &[Limit], now_s: u64) -> (Ve
                 .map(|s| s.count)
                 .unwrap_or(1)
         } else {
-            let prior = previous
-                .chunks_exact(WINDOW)
-                .find(|c| read_u64(c, 0) == w && read_u64(c, 8) == start)
+            let prior = stored
+                .filter(|c| read_u64(c, 8) == start)
                 .map(|c| read_u32(c, 16) as u64)
                 .unwrap_or(0);
             let count = prior.saturating_add(1).min(u32::MAX as u64);
@@ -208,12 +213,19 @@ pub fn failures_in_slot(slot: &[u8], limit: &Limit, now_s: u64) -> u64 {
 }
 
 /// The slot value after one more failed attempt.
+/// Like `count_in_slot`, a late attempt (its clock reading older than the stored window) counts
+/// in the stored window: a window never moves backwards.
 pub fn add_failure(slot: &[u8], limit: &Limit, now_s: u64) -> Vec<u8> {
-    let count = failures_in_slot(slot, limit, now_s)
-        .saturating_add(1)
-        .min(u32::MAX as u64);
+    let stored = (slot.len() >= 12).then(|| read_u64(slot, 0));
+    let start = window_start(now_s, limit.window_s).max(stored.unwrap_or(0));
+    let prior = if stored == Some(start) {
+        read_u32(slot, 8) as u64
+    } else {
+        0
+    };
+    let count = prior.saturating_add(1).min(u32::MAX as u64);
     let mut out = Vec::with_capacity(12);
-    out.extend_from_slice(&window_start(now_s, limit.window_s).to_le_bytes());
+    out.extend_from_slice(&start.to_le_bytes());
     out.extend_from_slice(&(count as u32).to_le_bytes());
     out
 }
@@ -267,6 +279,29 @@ mod tests {
                 c
             })
             .collect()
+    }
+
+    #[test]
+    fn a_late_request_never_moves_a_window_backwards() {
+        // Worker A read the clock at 9.99 s, worker B at 10.0 s; B's CAS landed first.
+        let limits = [l(5, 1)];
+        let mut slot = Vec::new();
+        let b = run(&mut slot, 9, &limits, 10, 5);
+        assert!(b.iter().all(Counted::allowed));
+        let a = run(&mut slot, 9, &limits, 9, 1);
+        // A counts in B's window (the 6th request of window 10), not in a restarted window 9.
+        assert_eq!(a[0].states[0].count, 6);
+        assert!(!a[0].allowed());
+        let later = run(&mut slot, 9, &limits, 10, 1);
+        assert_eq!(later[0].states[0].count, 7, "window 10 kept its count");
+
+        let f = Limit {
+            limit: 3,
+            window_s: 60,
+        };
+        let slot = add_failure(&add_failure(&[], &f, 120), &f, 125);
+        let late = add_failure(&slot, &f, 119);
+        assert_eq!(failures_in_slot(&late, &f, 125), 3);
     }
 
     #[test]
