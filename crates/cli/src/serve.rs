@@ -531,6 +531,16 @@ pub fn run(a: &ServeArgs) -> Result<(), Failure> {
         json: a.output.json || a.log_format == LogFormat::Json,
         quiet: a.quiet,
     };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Invalid(format!("starting the runtime: {e}")))?;
+    // The signal handlers are installed before anything is logged: a caller that stops the
+    // server as soon as it says it listens must see a graceful shutdown, not a killed process.
+    let signals = {
+        let _context = runtime.enter();
+        Signals::install()
+    };
     // Always logged, first: how a caller that asked for port 0 learns the port.
     log.line(
         "info",
@@ -545,23 +555,19 @@ pub fn run(a: &ServeArgs) -> Result<(), Failure> {
         log,
     });
     server.refresh();
-
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Failure::Invalid(format!("starting the runtime: {e}")))?;
-    runtime.block_on(serve_loop(server, std_listener))
+    runtime.block_on(serve_loop(server, std_listener, signals))
 }
 
 async fn serve_loop(
     server: Arc<Server>,
     std_listener: std::net::TcpListener,
+    signals: Signals,
 ) -> Result<(), Failure> {
     let listener = tokio::net::TcpListener::from_std(std_listener)
         .map_err(|e| Failure::Invalid(format!("listening: {e}")))?;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let shutdown = shutdown_signal();
+    let shutdown = signals.wait();
     tokio::pin!(shutdown);
     let log = server.log;
     loop {
@@ -670,26 +676,46 @@ async fn serve_loop(
     Ok(())
 }
 
-/// Resolves with the signal's name on SIGTERM or SIGINT.
-async fn shutdown_signal() -> &'static str {
+/// SIGTERM and SIGINT handlers, installed at once (tokio installs a handler when its stream is
+/// made, not when it is first polled).
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => tokio::select! {
-                _ = term.recv() => "SIGTERM",
-                _ = tokio::signal::ctrl_c() => "SIGINT",
-            },
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                "SIGINT"
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    /// Installs the handlers; must run inside the runtime's context.
+    fn install() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Signals {
+                term: signal(SignalKind::terminate()).ok(),
+                int: signal(SignalKind::interrupt()).ok(),
             }
         }
+        #[cfg(not(unix))]
+        Signals {}
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-        "SIGINT"
+
+    /// Resolves with the signal's name on SIGTERM or SIGINT.
+    async fn wait(self) -> &'static str {
+        #[cfg(unix)]
+        {
+            let (mut term, mut int) = (self.term, self.int);
+            tokio::select! {
+                Some(_) = async { term.as_mut()?.recv().await } => "SIGTERM",
+                Some(_) = async { int.as_mut()?.recv().await } => "SIGINT",
+                else => std::future::pending().await,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "SIGINT"
+        }
     }
 }
 
