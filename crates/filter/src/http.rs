@@ -66,6 +66,10 @@ impl HttpContext for Http {
         );
         s.list.set(list);
         timed!(phase::METRIC, s.metrics.decision(outcome.kind));
+        if let Some(u) = &s.usage {
+            u.borrow_mut()
+                .record(outcome.key_id.as_deref(), outcome.kind, now);
+        }
         if let Some(id) = &outcome.key_id {
             log::debug!("keygate: {:?} for key {id}", outcome.kind);
         }

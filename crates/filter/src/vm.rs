@@ -4,6 +4,7 @@ use super::metrics::Metrics;
 use keygate_core::bucket_cache::BucketCache;
 use keygate_core::config::Config;
 use keygate_core::decision::ListState;
+use keygate_core::usage::Usage;
 use std::cell::{Cell, RefCell};
 
 /// The configuration and this VM's view of the published list, shared by the root context
@@ -18,4 +19,6 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Whether the host is nginx (ngx_wasm_module), learnt on the first request.
     pub nginx: Cell<Option<bool>>,
+    /// This VM's per-key usage since its last handover (`usage` configured).
+    pub usage: Option<RefCell<Usage>>,
 }
