@@ -15,7 +15,8 @@ use std::time::Duration;
 const QUEUE: &str = "keygate_usage";
 /// Milliseconds between handovers of a worker's counts.
 const HANDOVER_MS: u64 = 1_000;
-/// At most this many queued batches are merged per tick (the rest waits for the next one).
+/// At most this many queued batches are merged per tick (the rest waits for the next one); the
+/// lease holder drains the queue on every tick (one host call when it is empty).
 const MAX_DEQUEUE: usize = 256;
 
 /// The usage part of one root context.
@@ -98,10 +99,7 @@ impl Reporter {
         for (id, t) in mine.borrow_mut().take() {
             self.merged.merge(&id, &t);
         }
-        if due {
-            self.last_handover_ms = now;
-            self.drain_queue();
-        }
+        self.drain_queue();
         if self.next_report_ms == 0 {
             self.next_report_ms = now.saturating_add(sink.interval_s.saturating_mul(1000));
         }
