@@ -145,8 +145,9 @@ def printed_block(text: str, title: str) -> list[tuple[str, str]]:
 
 
 def bash(cmd: str, timeout: float = 60) -> str:
+    """What `cmd` writes on standard output (curl's progress meter goes to standard error)."""
     r = subprocess.run(["bash", "-c", cmd], cwd=harness.REPO, capture_output=True, text=True, timeout=timeout)
-    return r.stdout + r.stderr
+    return r.stdout
 
 
 def test_demo_end_to_end(tmp_path):
@@ -175,7 +176,7 @@ def test_demo_end_to_end(tmp_path):
         # The admin lines, run in order in one shell (they share TOKEN, NEW, KEY, ID), each
         # answer after a marker.
         admin = printed_block(text, "admin API")
-        script = "\n".join(f"echo '@@{i}'\n{cmd}" for i, (_, cmd) in enumerate(admin))
+        script = "\n".join(f"echo; echo '@@{i}'\n{cmd}" for i, (_, cmd) in enumerate(admin))
         out = bash(script, timeout=120)
         parts = re.split(r"^@@\d+$", out, flags=re.M)[1:]
         assert len(parts) == len(admin), out
