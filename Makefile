@@ -27,7 +27,7 @@ PYTEST_ARGS ?=
 IMAGE_DIR   := target/oci/keygate
 SYS_TOOLS   := docker-registry=docker-registry skopeo=skopeo /usr/lib/postgresql/*/bin/initdb=postgresql
 
-.PHONY: bench bench-envoy all deps rust-deps py-deps sys-deps build wasm wasm-timing cli image test unit lint fmt-check integration run clean distclean
+.PHONY: bench bench-envoy bench-keyservice all deps rust-deps py-deps sys-deps build wasm wasm-timing cli image test unit lint fmt-check integration run clean distclean
 
 all: build
 
@@ -122,7 +122,15 @@ unit:
 bench: deps build
 	$(CARGO) bench -p keygate-core --bench matchers
 	$(CARGO) bench -p keygate-core --bench shared_memory
+	$(MAKE) bench-keyservice
 	$(MAKE) bench-envoy
+
+# The key service at scale (release binary, SQLite and a PostgreSQL started in a temporary
+# directory): a 1M-key document rebuilt after one change, RSS, 304 cost, admin create/update
+# throughput. Writes bench/keyservice.md (KEYSERVICE_BENCH_ARGS=--quick: 50,000 keys).
+KEYSERVICE_BENCH_ARGS ?=
+bench-keyservice: cli
+	$(PYTHON) bench/keyservice.py --out bench/keyservice.md $(KEYSERVICE_BENCH_ARGS)
 
 # keygate in real Envoy under load next to router-only, Envoy's native api_key_auth +
 # local_ratelimit and an empty wasm filter; key-list load time, RSS and a 1M-key swap under load.
