@@ -33,7 +33,7 @@ PYTEST_ARGS ?=
 IMAGE_DIR   := target/oci/keygate
 SYS_TOOLS   := docker-registry=docker-registry skopeo=skopeo /usr/lib/postgresql/*/bin/initdb=postgresql redis-server=redis-server
 
-.PHONY: fuzz fuzz-build bench bench-envoy all deps rust-deps py-deps sys-deps build wasm wasm-timing cli image test unit lint fmt-check integration run clean distclean
+.PHONY: fuzz fuzz-build bench bench-envoy bench-keyservice all deps rust-deps py-deps sys-deps build wasm wasm-timing cli image test unit lint fmt-check integration run clean distclean
 
 all: build
 
@@ -130,7 +130,15 @@ unit:
 bench: deps build
 	$(CARGO) bench -p keygate-core --bench matchers
 	$(CARGO) bench -p keygate-core --bench shared_memory
+	$(MAKE) bench-keyservice
 	$(MAKE) bench-envoy
+
+# The key service at scale (release binary, SQLite and a PostgreSQL started in a temporary
+# directory): a 1M-key document rebuilt after one change, RSS, 304 cost, admin create/update
+# throughput. Writes bench/keyservice.md (KEYSERVICE_BENCH_ARGS=--quick: 50,000 keys).
+KEYSERVICE_BENCH_ARGS ?=
+bench-keyservice: cli
+	$(PYTHON) bench/keyservice.py --out bench/keyservice.md $(KEYSERVICE_BENCH_ARGS)
 
 # keygate in real Envoy under load (issue 13's method): bench/run.py re-runs itself in a session of
 # its own at autogroup nice -20; Envoy --concurrency 1 on CPU 0, wrk -t1 -c32 on CPU 1, a

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# keygate demo (`make run`): key service, echo upstream and Envoy with keygate, all on loopback.
-# Stays in the foreground; Ctrl-C stops all three.
+# keygate demo (`make run`): key service (SQLite), echo upstream and Envoy with keygate, all on
+# loopback. Stays in the foreground; Ctrl-C stops all three. The addresses can be moved with
+# KEYGATE_DEMO_{LISTEN,ADMIN,KEYSVC,ECHO}=HOST:PORT and the state directory with KEYGATE_DEMO_RUN
+# (the tests do); the defaults are those of envoy/demo/envoy.yaml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,11 +10,11 @@ CLI=target/release/keygate
 WASM=target/wasm32-wasip1/release/keygate.wasm
 VENV=.venv
 KEYS_TXT=envoy/demo/demo-keys.txt
-RUN=.run
-LISTEN=127.0.0.1:8080
-ADMIN=127.0.0.1:9901
-KEYSVC=127.0.0.1:8081
-ECHO=127.0.0.1:8082
+RUN=${KEYGATE_DEMO_RUN:-.run}
+LISTEN=${KEYGATE_DEMO_LISTEN:-127.0.0.1:8080}
+ADMIN=${KEYGATE_DEMO_ADMIN:-127.0.0.1:9901}
+KEYSVC=${KEYGATE_DEMO_KEYSVC:-127.0.0.1:8081}
+ECHO=${KEYGATE_DEMO_ECHO:-127.0.0.1:8082}
 
 for f in "$CLI" "$WASM" "$VENV/bin/envoy" "$VENV/bin/python"; do
   [[ -e $f ]] || { echo "missing $f: run 'make deps build' first" >&2; exit 1; }
@@ -24,6 +26,16 @@ for a in "$LISTEN" "$ADMIN" "$KEYSVC" "$ECHO"; do
 done
 
 mkdir -p "$RUN"
+# A fresh database on every run; the admin token is generated once and kept (git-ignored .run/).
+rm -f "$RUN/keygate.db" "$RUN/keygate.db-wal" "$RUN/keygate.db-shm"
+if [[ ! -s $RUN/admin-tokens ]]; then
+  (umask 077; { echo "# keygate demo admin token (make run)"; head -c 24 /dev/urandom | base64 | tr '+/' '-_' | tr -d '='; } >"$RUN/admin-tokens")
+fi
+TOKEN=$(grep -v '^#' "$RUN/admin-tokens" | grep -m1 .)
+# envoy/demo/envoy.yaml with the addresses above (identical with the defaults).
+sed -e "s/port_value: 8080\b/port_value: ${LISTEN##*:}/" -e "s/port_value: 9901\b/port_value: ${ADMIN##*:}/" \
+    -e "s/port_value: 8081\b/port_value: ${KEYSVC##*:}/" -e "s/port_value: 8082\b/port_value: ${ECHO##*:}/" \
+    envoy/demo/envoy.yaml >"$RUN/envoy.yaml"
 declare -A PIDS=()
 
 cleanup() {
@@ -55,11 +67,12 @@ die_with_log() {
   exit 1
 }
 
-"$CLI" serve envoy/demo/keys.json --listen "$KEYSVC" >"$RUN/keyservice.log" 2>&1 &
+"$CLI" keyservice --listen "$KEYSVC" --database "sqlite:$RUN/keygate.db" --admin-tokens "$RUN/admin-tokens" \
+  >"$RUN/keyservice.log" 2>&1 &
 PIDS[keyservice]=$!
 "$VENV/bin/python" tests/support/echo.py "${ECHO##*:}" "${ECHO%:*}" >"$RUN/echo.log" 2>&1 &
 PIDS[echo]=$!
-"$VENV/bin/envoy" -c envoy/demo/envoy.yaml --concurrency 2 --disable-hot-restart \
+"$VENV/bin/envoy" -c "$RUN/envoy.yaml" --concurrency 2 --disable-hot-restart \
   --base-id $((RANDOM % 50000 + 1000)) --log-level info >"$RUN/envoy.log" 2>&1 &
 PIDS[envoy]=$!
 
@@ -79,6 +92,18 @@ for _ in $(seq 1 300); do
 done
 [[ -n $ready ]] || die_with_log envoy
 
+# The key service ready, then the demo owner, plans and keys (envoy/demo/keys.json: hashes only)
+# brought in through its admin API.
+ks_ready=""
+for _ in $(seq 1 100); do
+  alive_or_die
+  if [[ "$(curl -s -o /dev/null -w '%{http_code}' "http://$KEYSVC/healthz" || true)" == 200 ]]; then ks_ready=1; break; fi
+  sleep 0.1
+done
+[[ -n $ks_ready ]] || die_with_log keyservice
+curl -sf -o /dev/null -X POST -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \
+  --data-binary @envoy/demo/keys.json "http://$KEYSVC/v1/admin/import" || die_with_log keyservice
+
 PRO_KEY=$(awk '$1=="demo_pro"{print $2}' "$KEYS_TXT")
 FREE_KEY=$(awk '$1=="demo_free"{print $2}' "$KEYS_TXT")
 REVOKED_KEY=$(awk '$1=="demo_revoked"{print $2}' "$KEYS_TXT")
@@ -96,7 +121,7 @@ cat <<EOF
 
 keygate demo is up
   Envoy + keygate   http://$LISTEN     (admin http://$ADMIN, metrics: curl -s http://$ADMIN/stats/prometheus | grep ^keygate_)
-  key service       http://$KEYSVC/v1/keys   (envoy/demo/keys.json, SHA-256 hashes only)
+  key service       http://$KEYSVC   (keygate keyservice, SQLite $RUN/keygate.db, admin token in $RUN/admin-tokens)
   echo upstream     http://$ECHO
   logs              $RUN/envoy.log  $RUN/keyservice.log  $RUN/echo.log
 
@@ -124,6 +149,26 @@ try:
   curl -s -D - -o /dev/null -H 'x-api-key: $PRO_KEY' http://$LISTEN/v1/hello | grep -i ratelimit
   # keygate metrics
   curl -s http://$ADMIN/stats/prometheus | grep '^keygate_'
+
+admin API (SPEC §7; Envoy fetches the key list every 5 s and reports usage every 2 s):
+  TOKEN='$TOKEN'
+  # create a key (the answer is the only time the key is shown)
+  NEW=\$(curl -s -H "authorization: Bearer \$TOKEN" -H 'content-type: application/json' -d '{"owner":"demo-org","plan":"pro","name":"my key"}' http://$KEYSVC/v1/admin/keys); echo "\$NEW"
+  KEY=\$(echo "\$NEW" | sed -E 's/.*"key":"([^"]+)".*/\1/'); ID=\$(echo "\$NEW" | sed -E 's/.*"id":"([^"]+)".*/\1/')
+  # use it through Envoy after the next key-list refresh (200)
+  sleep 6; curl -i -H "x-api-key: \$KEY" http://$LISTEN/v1/hello
+  # disable it
+  curl -s -X PATCH -H "authorization: Bearer \$TOKEN" -H 'content-type: application/json' -d '{"status":"disabled"}' http://$KEYSVC/v1/admin/keys/\$ID
+  # refused after the next refresh (401 expired_key)
+  sleep 6; curl -i -H "x-api-key: \$KEY" http://$LISTEN/v1/hello
+  # its last_used_at and per-day counts, as reported by the gateway
+  curl -s -H "authorization: Bearer \$TOKEN" http://$KEYSVC/v1/admin/keys/\$ID/usage
+  # rotate demo_free (overlap_s 0: the old key is refused after the next refresh; the answer holds the new key)
+  curl -s -H "authorization: Bearer \$TOKEN" -H 'content-type: application/json' -d '{"overlap_s":0}' http://$KEYSVC/v1/admin/keys/demo_free/rotate
+  # every key (metadata only, never a key or its hash)
+  curl -s -H "authorization: Bearer \$TOKEN" http://$KEYSVC/v1/admin/keys
+  # the same with the CLI
+  KEYGATE_URL=http://$KEYSVC KEYGATE_ADMIN_TOKEN=\$TOKEN $CLI keys list
 
 Ctrl-C stops the demo.
 EOF

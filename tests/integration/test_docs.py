@@ -59,6 +59,7 @@ OBJECTS = {
     "upstream": {"key_list": MINIMAL_KEY_LIST, "upstream": U},
     "errors.<class>": {"key_list": MINIMAL_KEY_LIST, "errors": {"forbidden": U}},
     "whoami": {"key_list": MINIMAL_KEY_LIST, "whoami": U},
+    "usage": {"key_list": MINIMAL_KEY_LIST, "usage": U},
 }
 
 

@@ -176,6 +176,30 @@ pub struct Config {
     /// How each class answers (SPEC §4 defaults with `errors` merged over them).
     pub responses: Responses,
     pub whoami: Option<Whoami>,
+    /// Usage reporting to the key service (extension `usage`), off when absent.
+    pub usage: Option<UsageSink>,
+}
+
+/// Where and how often one root context per instance `POST`s per-key usage (extension `usage`;
+/// the report format is `POST /v1/usage` of the key service).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageSink {
+    /// Envoy cluster of the key service (default: `key_list.cluster`).
+    pub cluster: String,
+    /// Path of the report endpoint (default `/v1/usage`).
+    pub path: String,
+    /// `:authority` of the report (default: `key_list.authority` when the cluster is the same,
+    /// else the cluster name).
+    pub authority: String,
+    /// Extra request headers (default: `key_list.headers` when the cluster is the same).
+    pub headers: Vec<(String, String)>,
+    /// Seconds between reports (default 10, 1..=3600).
+    pub interval_s: u64,
+    /// How long a report may take, in milliseconds (default 5000, 1..=600000).
+    pub timeout_ms: u64,
+    /// Most key ids one worker keeps between handovers, and one report carries (default 10000,
+    /// 1..=1000000); use by further ids is dropped until the next handover.
+    pub max_ids: usize,
 }
 
 impl Config {
@@ -209,6 +233,34 @@ struct RawConfig {
     #[serde(default, deserialize_with = "json::unique_map")]
     errors: BTreeMap<String, RawError>,
     whoami: Option<RawWhoami>,
+    usage: Option<RawUsage>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUsage {
+    cluster: Option<String>,
+    #[serde(default = "default_usage_path")]
+    path: String,
+    authority: Option<String>,
+    #[serde(default, deserialize_with = "json::unique_map_opt")]
+    headers: Option<BTreeMap<String, String>>,
+    #[serde(default = "default_usage_interval_s")]
+    interval_s: u64,
+    #[serde(default = "default_timeout_ms")]
+    timeout_ms: u64,
+    #[serde(default = "default_usage_max_ids")]
+    max_ids: u64,
+}
+
+fn default_usage_path() -> String {
+    "/v1/usage".to_string()
+}
+fn default_usage_interval_s() -> u64 {
+    10
+}
+fn default_usage_max_ids() -> u64 {
+    10_000
 }
 
 #[derive(Deserialize)]
@@ -931,6 +983,11 @@ fn compile(raw: RawConfig) -> Result<Config, DocError> {
         }
     };
 
+    let usage = match raw.usage {
+        None => None,
+        Some(u) => Some(usage_sink(u, &key_list)?),
+    };
+
     Ok(Config {
         key_list,
         credentials,
@@ -951,6 +1008,68 @@ fn compile(raw: RawConfig) -> Result<Config, DocError> {
         edits,
         responses,
         whoami,
+        usage,
+    })
+}
+
+fn usage_sink(u: RawUsage, kl: &KeyListSource) -> Result<UsageSink, DocError> {
+    let cluster = u.cluster.unwrap_or_else(|| kl.cluster.clone());
+    if cluster.is_empty() {
+        return Err(DocError::new("usage.cluster", "must not be empty"));
+    }
+    if !u.path.starts_with('/') {
+        return Err(DocError::new(
+            "usage.path",
+            format!("{:?} must start with '/'", u.path),
+        ));
+    }
+    if u.interval_s == 0 || u.interval_s > 3600 {
+        return Err(DocError::new(
+            "usage.interval_s",
+            format!("{} is out of range 1..=3600", u.interval_s),
+        ));
+    }
+    if u.timeout_ms == 0 || u.timeout_ms > 600_000 {
+        return Err(DocError::new(
+            "usage.timeout_ms",
+            format!("{} is out of range 1..=600000", u.timeout_ms),
+        ));
+    }
+    if u.max_ids == 0 || u.max_ids > 1_000_000 {
+        return Err(DocError::new(
+            "usage.max_ids",
+            format!("{} is out of range 1..=1000000", u.max_ids),
+        ));
+    }
+    let same = cluster == kl.cluster;
+    let authority = match u.authority {
+        Some(a) if a.is_empty() => {
+            return Err(DocError::new("usage.authority", "must not be empty"))
+        }
+        Some(a) => a,
+        None if same => kl.authority.clone(),
+        None => cluster.clone(),
+    };
+    let headers = match u.headers {
+        None if same => kl.headers.clone(),
+        None => Vec::new(),
+        Some(h) => {
+            let mut out = Vec::new();
+            for (k, v) in h {
+                let field = format!("usage.headers.{k}");
+                out.push((header_name(&field, &k)?, header_value(&field, &v)?));
+            }
+            out
+        }
+    };
+    Ok(UsageSink {
+        cluster,
+        path: u.path,
+        authority,
+        headers,
+        interval_s: u.interval_s,
+        timeout_ms: u.timeout_ms,
+        max_ids: u.max_ids as usize,
     })
 }
 
@@ -1012,6 +1131,42 @@ mod tests {
         assert_eq!(c.owner_header.as_deref(), Some("x-api-key-owner"));
         assert!(c.default_limits.is_empty() && c.invalid_key_limit.is_none());
         assert_eq!(c.response(Class::Unavailable).status, 503);
+    }
+
+    #[test]
+    fn usage_defaults_follow_the_key_list_and_errors_name_the_field() {
+        assert!(parse(MINIMAL.as_bytes()).unwrap().usage.is_none());
+        let c = parse(
+            br#"{"key_list":{"cluster":"ks","path":"/v1/keys","authority":"keys.internal","headers":{"authorization":"Bearer r"}},"usage":{}}"#,
+        )
+        .unwrap();
+        let u = c.usage.unwrap();
+        assert_eq!((u.cluster.as_str(), u.path.as_str()), ("ks", "/v1/usage"));
+        assert_eq!(u.authority, "keys.internal");
+        assert_eq!(u.headers, vec![("authorization".into(), "Bearer r".into())]);
+        assert_eq!((u.interval_s, u.timeout_ms, u.max_ids), (10, 5000, 10_000));
+        let c = parse(
+            br#"{"key_list":{"cluster":"ks","path":"/"},"usage":{"cluster":"other","path":"/u","interval_s":2,"headers":{"X-A":"b"}}}"#,
+        )
+        .unwrap();
+        let u = c.usage.unwrap();
+        assert_eq!((u.authority.as_str(), u.interval_s), ("other", 2));
+        assert_eq!(u.headers, vec![("x-a".into(), "b".into())]);
+        for (json, field) in [
+            (r#"{"interval_s":0}"#, "usage.interval_s"),
+            (r#"{"interval_s":3601}"#, "usage.interval_s"),
+            (r#"{"path":"v1"}"#, "usage.path"),
+            (r#"{"cluster":""}"#, "usage.cluster"),
+            (r#"{"max_ids":0}"#, "usage.max_ids"),
+            (r#"{"timeout_ms":0}"#, "usage.timeout_ms"),
+            (r#"{"headers":{"a b":"c"}}"#, "usage.headers"),
+            (r#"{"sneeze":1}"#, "usage"),
+        ] {
+            let e = err(&format!(
+                r#"{{"key_list":{{"cluster":"k","path":"/"}},"usage":{json}}}"#
+            ));
+            assert!(e.contains(field), "{json}: {e}");
+        }
     }
 
     #[test]

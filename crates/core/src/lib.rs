@@ -25,4 +25,5 @@ pub mod routes;
 pub mod scan;
 pub mod shared;
 pub mod time;
+pub mod usage;
 pub mod varint;

@@ -36,6 +36,10 @@ pub const LEASE_MS: u64 = 5_000;
 pub const PUBLISH_LEASE_MS: u64 = 120_000;
 /// How long past `timeout_ms` an unanswered fetch is waited for before it is given up, in ms.
 pub const IN_FLIGHT_GRACE_MS: u64 = 1_000;
+/// The highest key-list document schema this filter accepts, sent as `x-keygate-schema` on every
+/// fetch (key service README: schema 1 is SPEC §2 without owners' `rate_limits`, schema 2 all;
+/// owners' limits are parsed and enforced, step 12).
+pub const KEY_LIST_SCHEMA: &str = "2";
 
 /// The outcome of one fetch attempt, one metric each (SPEC §6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -203,6 +207,7 @@ impl Loader {
             (":path".to_string(), self.source.path.clone()),
             (":authority".to_string(), self.source.authority.clone()),
             ("accept".to_string(), "application/json".to_string()),
+            ("x-keygate-schema".to_string(), KEY_LIST_SCHEMA.to_string()),
         ];
         self.pending_conditional = Some(etag.is_some());
         if let Some(e) = etag {

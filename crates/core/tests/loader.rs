@@ -129,6 +129,10 @@ fn the_first_fetch_is_complete_and_publishes() {
     assert_eq!(header(&req, ":authority"), Some("keys.internal"));
     assert_eq!(header(&req, "authorization"), Some("Bearer reader"));
     assert_eq!(
+        header(&req, "x-keygate-schema"),
+        Some(keygate_core::loader::KEY_LIST_SCHEMA)
+    );
+    assert_eq!(
         header(&req, "if-none-match"),
         None,
         "nothing loaded: no ETag yet"

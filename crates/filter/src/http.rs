@@ -69,7 +69,8 @@ impl Context for Http {
             _ => GlobalAnswer::Unavailable,
         };
         let outcome = self.settle(pending, answer, sent_ms);
-        if self.apply(outcome, &[]) == Action::Continue && hostcalls::resume_http_request().is_err()
+        if self.apply(outcome, &[], sent_ms / 1000) == Action::Continue
+            && hostcalls::resume_http_request().is_err()
         {
             log::warn!("keygate: could not resume the request after the rate limit service");
         }
@@ -130,7 +131,7 @@ impl HttpContext for Http {
             }
             outcome = self.settle(outcome, GlobalAnswer::Unavailable, t_ms);
         }
-        self.apply(outcome, &headers)
+        self.apply(outcome, &headers, now)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
@@ -152,7 +153,8 @@ impl Http {
 
     /// Carries out a decided outcome: a local reply, or the request's edits. `Continue` when
     /// the request goes on upstream.
-    fn apply(&mut self, mut outcome: Outcome, headers: &[(&str, &[u8])]) -> Action {
+    /// `now_s`: Unix seconds the request was decided at (for usage's last-used time).
+    fn apply(&mut self, mut outcome: Outcome, headers: &[(&str, &[u8])], now_s: u64) -> Action {
         let s = &self.shared;
         let host = match s.host.get() {
             Some(known) => known,
@@ -169,6 +171,10 @@ impl Http {
             outcome.reply = Some(decision::refusal(&s.config, Class::Unavailable, None));
         }
         timed!(phase::METRIC, s.metrics.decision(outcome.kind));
+        if let Some(u) = &s.usage {
+            u.borrow_mut()
+                .record(outcome.key_id.as_deref(), outcome.kind, now_s);
+        }
         if let Some(id) = &outcome.key_id {
             log::debug!("keygate: {:?} for key {id}", outcome.kind);
         }

@@ -38,6 +38,7 @@ mod nginx;
 #[cfg(feature = "phase-timing")]
 mod phases;
 mod root;
+mod usage;
 mod vm;
 
 use proxy_wasm::traits::RootContext;

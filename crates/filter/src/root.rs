@@ -5,6 +5,7 @@
 use super::host::{now_ms, now_ns, HostStore};
 use super::http::Http;
 use super::metrics::Metrics;
+use super::usage::Reporter;
 use super::vm::Shared;
 use keygate_core::bucket_cache::BucketCache;
 use keygate_core::config;
@@ -14,6 +15,7 @@ use keygate_core::keylist;
 use keygate_core::loader::{Answer, Loader, Report};
 use keygate_core::publish;
 use keygate_core::rls;
+use keygate_core::usage::Usage;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
 use std::cell::{Cell, RefCell};
@@ -43,6 +45,7 @@ const TICK: Duration = Duration::from_millis(100);
 pub struct Root {
     shared: Option<Rc<Shared>>,
     loader: Loader,
+    reporter: Option<Reporter>,
 }
 
 impl Root {
@@ -148,6 +151,13 @@ impl Context for Root {
     ) {
         if self.loader.awaits(token_id) {
             self.on_fetched(token_id, num_headers, body_size);
+        } else if self.reporter.is_some() {
+            let status = (num_headers > 0)
+                .then(|| self.get_http_call_response_header(":status"))
+                .flatten();
+            if let Some(r) = &mut self.reporter {
+                r.answered(token_id, status);
+            }
         }
     }
 }
@@ -184,6 +194,11 @@ impl RootContext for Root {
             .unwrap_or_default();
         // The token's high bits are the VM's place in the order of configuration.
         let metrics = Metrics::define(self.loader.token() >> 24, config.global.is_some());
+        self.reporter = config.usage.as_ref().map(Reporter::configure);
+        let usage = config
+            .usage
+            .as_ref()
+            .map(|u| RefCell::new(Usage::new(u.max_ids)));
         self.shared = Some(Rc::new(Shared {
             config,
             source_id,
@@ -192,6 +207,7 @@ impl RootContext for Root {
             metrics,
             grpc_service,
             host: Cell::new(None),
+            usage,
         }));
         self.refresh_view();
         if let Some(s) = &self.shared {
@@ -208,6 +224,9 @@ impl RootContext for Root {
         let now = now_ms();
         let (request, report) = self.loader.tick(&HostStore, now);
         self.carry_out(report);
+        if let (Some(r), Some(sink)) = (&mut self.reporter, &s.config.usage) {
+            r.tick(&s, sink, self.loader.is_leader());
+        }
         s.metrics.vm_memory();
         if self.loader.is_leader() {
             s.metrics

@@ -5,6 +5,7 @@ use super::nginx::Host;
 use keygate_core::bucket_cache::BucketCache;
 use keygate_core::config::Config;
 use keygate_core::decision::ListState;
+use keygate_core::usage::Usage;
 use std::cell::{Cell, RefCell};
 
 /// The configuration and this VM's view of the published list, shared by the root context
@@ -23,4 +24,6 @@ pub struct Shared {
     /// Global mode: the Rate Limit Service's cluster as a serialised `GrpcService` (what
     /// `dispatch_grpc_call` takes); empty otherwise.
     pub grpc_service: String,
+    /// This VM's per-key usage since its last handover (`usage` configured).
+    pub usage: Option<RefCell<Usage>>,
 }

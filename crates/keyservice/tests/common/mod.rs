@@ -202,7 +202,7 @@ pub fn http(
     headers: &[(&str, &str)],
 ) -> Resp {
     let agent = ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(30))
+        .timeout(Duration::from_secs(300))
         .build();
     let mut req = agent.request(method, url);
     if let Some(t) = token {
