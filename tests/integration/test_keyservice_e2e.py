@@ -104,13 +104,19 @@ def stack(tmp_path_factory):
         ks.stop()
 
 
-def status_within(env, key: str, want: int, bound: float = BOUND_S) -> float:
-    """Seconds until a request with `key` gets `want` (fails after `bound`)."""
+def status_within(env, key: str, want: int, bound: float = BOUND_S, seen: list | None = None) -> float:
+    """Seconds until every worker answers a request with `key` with `want` (fails after `bound`):
+    `want` on four requests in a row (on new connections, so both workers are asked), each worker
+    refreshing its view of the list on its own 100 ms tick. Every status is appended to `seen`."""
     t0 = time.monotonic()
+    streak = 0
     while True:
         r = env.request("GET", "/v1/things", {"x-api-key": key})
         elapsed = time.monotonic() - t0
-        if r.status == want:
+        if seen is not None:
+            seen.append(r.status)
+        streak = streak + 1 if r.status == want else 0
+        if streak == 4:
             return elapsed
         assert elapsed < bound, f"still {r.status} after {elapsed:.2f} s (want {want} within {bound} s): {r.body[:200]!r}"
         time.sleep(0.05)
@@ -159,19 +165,23 @@ def test_rotated_out_key_is_refused_within_the_bound(stack):
 
 def test_usage_appears_in_the_key_service(stack):
     ks, env = stack
-    rec = create(ks, rate_limits=[{"limit": 3, "window_s": 3600}])
-    status_within(env, rec["key"], 200)  # the first allowed request
+    rec = create(ks, rate_limits=[{"limit": 6, "window_s": 3600}])
+    seen: list[int] = []
+    status_within(env, rec["key"], 200, seen=seen)  # 200 four times in a row: every worker sees it
     h = {"x-api-key": rec["key"]}
     codes = [env.request("GET", f"/v1/things/{i}", h).status for i in range(6)]
-    assert codes == [200, 200, 429, 429, 429, 429], codes
+    # Exactly the limit allowed across both workers, then refused; 401s (a worker that had not
+    # seen the key yet) carry no key id and are not usage.
+    allowed, limited = (seen + codes).count(200), (seen + codes).count(429)
+    assert allowed == 6 and codes[-4:] == [429] * 4, (seen, codes)
 
     def reported():
         status, u, _ = ks.call("GET", f"/v1/admin/keys/{rec['id']}/usage")
         assert status == 200, u
         days = u["days"]
         total = sum(d["allowed"] for d in days), sum(d["refused"].get("rate_limited", 0) for d in days)
-        return u if total == (3, 4) else None
-    u = harness.wait_until(reported, 10, 0.2, "usage reported: 3 allowed, 4 rate_limited")
+        return u if total == (allowed, limited) else None
+    u = harness.wait_until(reported, 10, 0.2, f"usage reported: {allowed} allowed, {limited} rate_limited")
     assert u["last_used_at"] is not None
     status, record, _ = ks.call("GET", f"/v1/admin/keys/{rec['id']}")
     assert record["last_used_at"] == u["last_used_at"]
