@@ -827,7 +827,7 @@ pub fn retention(db: &str) {
     let (e, d) = s.wait_document(Duration::from_secs(6), |d| {
         doc_key(d, a).is_none() && doc_key(d, c).is_none()
     });
-    assert!(doc_key(&d, b).is_some());
+    assert!(doc_key(&d, b).is_some(), "disabled key {b} missing: {d}");
     assert_eq!(d["keys"].as_array().unwrap().len(), 2);
     let (_, bytes) = s.document();
     check_document(&e, &bytes);
