@@ -18,7 +18,6 @@ pub const MAX_PREFIX: usize = 64;
 /// How long `new` waits for another `keygate new` holding the list's lock.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
 const STATUSES: &[&str] = &["active", "disabled", "revoked", "deleted"];
-const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Encoding {
@@ -397,38 +396,9 @@ fn generate_key(prefix: &str, bytes: usize, hex: bool) -> Result<String, Failure
     let body = if hex {
         buf.iter().map(|b| format!("{b:02x}")).collect()
     } else {
-        base62_fixed(&buf)
+        keygate_keyservice::base62_fixed(&buf)
     };
     Ok(format!("{prefix}{body}"))
-}
-
-/// Base62 of the big-endian number `bytes`, left-padded with `0` to the width of the largest
-/// number of that many bytes.
-pub fn base62_fixed(bytes: &[u8]) -> String {
-    let width = base62(&vec![0xff; bytes.len()]).len();
-    let digits = base62(bytes);
-    let mut out = String::with_capacity(width);
-    for _ in digits.len()..width {
-        out.push('0');
-    }
-    out.push_str(&digits);
-    out
-}
-
-fn base62(bytes: &[u8]) -> String {
-    let mut num = bytes.to_vec();
-    let mut out = Vec::new();
-    while num.iter().any(|&b| b != 0) {
-        let mut rem: u32 = 0;
-        for b in num.iter_mut() {
-            let cur = (rem << 8) | u32::from(*b);
-            *b = (cur / 62) as u8;
-            rem = cur % 62;
-        }
-        out.extend(BASE62.get(rem as usize));
-    }
-    out.reverse();
-    String::from_utf8(out).unwrap_or_default()
 }
 
 fn read_document(list: &Path) -> Result<Json, Failure> {
@@ -555,6 +525,7 @@ mod tests {
 
     #[test]
     fn base62_is_fixed_width_and_exact() {
+        use keygate_keyservice::base62_fixed;
         assert_eq!(base62_fixed(&[0, 0]), "000");
         assert_eq!(base62_fixed(&[0xff, 0xff]), "H31");
         assert_eq!(base62_fixed(&[0, 61]), "00z");

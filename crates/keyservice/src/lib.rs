@@ -20,3 +20,4 @@ mod util;
 
 pub use client::{run_keys, ClientArgs, KeysCommand};
 pub use serve::{run, serve, start, Running, ServeArgs};
+pub use util::base62_fixed;
