@@ -53,6 +53,10 @@ pub enum Kind {
     FailOpen,
     Whoami,
     Refused(Class),
+    /// Shadow mode (`shadow`): the first refusal of a shadowed check, decided but not
+    /// enforced; the request went on (upstream with identity when the key was valid, without
+    /// it otherwise; keygate's own `whoami` answer when that is where it went).
+    Shadow(Class),
 }
 
 /// A response keygate sends itself instead of going upstream.
@@ -186,6 +190,31 @@ pub fn refusal(
 fn refused(cfg: &Config, class: Class) -> Outcome {
     let mut o = Outcome::new(Kind::Refused(class));
     o.reply = Some(refusal(cfg, class, None));
+    o
+}
+
+/// Notes a refusal of `class` when its check is shadowed (the first one counts): true when the
+/// request goes on, false when it must be refused.
+fn shadow(cfg: &Config, shadowed: &mut Option<Class>, class: Class) -> bool {
+    if !cfg.shadow.covers(class) {
+        return false;
+    }
+    shadowed.get_or_insert(class);
+    true
+}
+
+/// An outcome that lets the request on, marked as a shadowed refusal when there was one.
+fn passed(mut o: Outcome, shadowed: Option<Class>) -> Outcome {
+    if let Some(c) = shadowed {
+        o.kind = Kind::Shadow(c);
+    }
+    o
+}
+
+/// A shadowed refusal of the key checks: upstream without identity (like `fail_open`).
+fn keyless(cfg: &Config, req: &Request, found: Option<&Location>, class: Class) -> Outcome {
+    let mut o = Outcome::new(Kind::Shadow(class));
+    upstream_edits(cfg, &mut o, req, found);
     o
 }
 
@@ -347,8 +376,10 @@ pub fn decide_cached(
         })
     };
     let ip_ok = |set: &crate::ipset::IpSet| ip().is_some_and(|ip| set.contains(ip));
-    if (!cfg.ip_deny.is_empty() && ip_ok(&cfg.ip_deny))
-        || (!cfg.ip_allow.is_empty() && !ip_ok(&cfg.ip_allow))
+    let mut shadowed = None;
+    if ((!cfg.ip_deny.is_empty() && ip_ok(&cfg.ip_deny))
+        || (!cfg.ip_allow.is_empty() && !ip_ok(&cfg.ip_allow)))
+        && !shadow(cfg, &mut shadowed, Class::IpDenied)
     {
         return refused(cfg, Class::IpDenied);
     }
@@ -361,7 +392,7 @@ pub fn decide_cached(
     {
         let mut o = Outcome::new(Kind::Exempt);
         upstream_edits(cfg, &mut o, req, credential.as_ref().map(|c| &c.location));
-        return o;
+        return passed(o, shadowed);
     }
 
     // 4. A list must be loaded and fresh enough.
@@ -377,22 +408,31 @@ pub fn decide_cached(
         );
     }
     if !list.loaded || stale(list) {
+        let found = credential.as_ref().map(|c| &c.location);
         if cfg.key_list.fail_open {
             let mut o = Outcome::new(Kind::FailOpen);
-            upstream_edits(cfg, &mut o, req, credential.as_ref().map(|c| &c.location));
-            return o;
+            upstream_edits(cfg, &mut o, req, found);
+            return passed(o, shadowed);
+        }
+        if shadow(cfg, &mut shadowed, Class::Unavailable) {
+            return keyless(cfg, req, found, shadowed.unwrap_or(Class::Unavailable));
         }
         return refused(cfg, Class::Unavailable);
     }
 
     // 5. The credential.
     let Some(credential) = credential else {
+        if shadow(cfg, &mut shadowed, Class::MissingKey) {
+            return keyless(cfg, req, None, shadowed.unwrap_or(Class::MissingKey));
+        }
         return refused(cfg, Class::MissingKey);
     };
 
     // 6. Too many failed attempts from this client: refuse before looking anything up.
     if let Some(limit) = &cfg.invalid_key_limit {
-        if counters::ip_failures(store, ip(), limit, now_s) >= limit.limit {
+        if counters::ip_failures(store, ip(), limit, now_s) >= limit.limit
+            && !shadow(cfg, &mut shadowed, Class::RateLimited)
+        {
             let retry_after = ratelimit::failure_retry_after(limit, now_s);
             let ctx = RateContext {
                 retry_after,
@@ -425,6 +465,10 @@ pub fn decide_cached(
     let record = if well_formed {
         let hash: [u8; 32] = Sha256::digest(key).into();
         match lookup(store, list, cache, &cfg.key_list, &hash, &mut buf) {
+            None if shadow(cfg, &mut shadowed, Class::Unavailable) => {
+                let class = shadowed.unwrap_or(Class::Unavailable);
+                return keyless(cfg, req, Some(&credential.location), class);
+            }
             None => return refused(cfg, Class::Unavailable),
             Some(()) => {
                 // This VM's copy of the bucket's dictionary (read only when it changed).
@@ -442,6 +486,10 @@ pub fn decide_cached(
         if let Some(limit) = &cfg.invalid_key_limit {
             counters::add_ip_failure(store, ip(), limit, now_s);
         }
+        if shadow(cfg, &mut shadowed, Class::InvalidKey) {
+            let class = shadowed.unwrap_or(Class::InvalidKey);
+            return keyless(cfg, req, Some(&credential.location), class);
+        }
         return refused(cfg, Class::InvalidKey);
     };
     decide_key(
@@ -454,6 +502,7 @@ pub fn decide_cached(
         method,
         &credential.location,
         now_s,
+        shadowed,
     )
 }
 
@@ -468,23 +517,42 @@ fn decide_key(
     method: &str,
     location: &Location,
     now_s: u64,
+    mut shadowed: Option<Class>,
 ) -> Outcome {
     let with_id = |mut o: Outcome| {
         o.key_id = Some(record.id.to_string());
         o
     };
+    // A refusal, unless its check is shadowed (then `None`: go on).
+    let mut refuse = |class: Class, o: Outcome| {
+        if shadow(cfg, &mut shadowed, class) {
+            None
+        } else {
+            Some(with_id(o))
+        }
+    };
 
-    // 8. Status, expiry, owner.
-    if !record.active || record.expires_at.is_some_and(|t| now_s as i64 >= t) {
-        return with_id(refused(cfg, Class::ExpiredKey));
-    }
-    if !record.owner_valid {
-        return with_id(refused(cfg, Class::InvalidKey));
+    // 8. Status, expiry, owner: a shadowed refusal goes upstream without identity.
+    let invalid = if !record.active || record.expires_at.is_some_and(|t| now_s as i64 >= t) {
+        Some(Class::ExpiredKey)
+    } else if !record.owner_valid {
+        Some(Class::InvalidKey)
+    } else {
+        None
+    };
+    if let Some(class) = invalid {
+        if let Some(o) = refuse(class, refused(cfg, class)) {
+            return o;
+        }
+        let class = shadowed.unwrap_or(class);
+        return with_id(keyless(cfg, req, Some(location), class));
     }
 
     // 9. The key's own IP list.
     if !record.ip_allowed(ip) {
-        return with_id(refused(cfg, Class::IpDenied));
+        if let Some(o) = refuse(Class::IpDenied, refused(cfg, Class::IpDenied)) {
+            return o;
+        }
     }
 
     // 10. Sites.
@@ -495,7 +563,9 @@ fn decide_key(
             None => None,
         };
         if !site.is_some_and(|s| record.sites().any(|k| k == s)) {
-            return with_id(refused(cfg, Class::Forbidden));
+            if let Some(o) = refuse(Class::Forbidden, refused(cfg, Class::Forbidden)) {
+                return o;
+            }
         }
     }
 
@@ -503,7 +573,9 @@ fn decide_key(
     let rule = cfg.routes.find(method, norm_path);
     if let Some(needed) = rule.and_then(|r| r.scope.as_deref()) {
         if !record.scopes().any(|held| scope_covers(held, needed)) {
-            return with_id(refused(cfg, Class::Forbidden));
+            if let Some(o) = refuse(Class::Forbidden, refused(cfg, Class::Forbidden)) {
+                return o;
+            }
         }
     }
 
@@ -513,32 +585,41 @@ fn decide_key(
         .unwrap_or_else(|| cfg.default_limits.clone());
     let mut rate_headers = Vec::new();
     if !limits.is_empty() {
-        let Some(counted) = counters::count_key(store, record.id, &limits, now_s) else {
-            // The shared counter could not be updated: refuse rather than over-admit.
-            let mut o = Outcome::new(Kind::Refused(Class::RateLimited));
-            let ctx = RateContext {
-                retry_after: 1,
-                ..Default::default()
-            };
-            o.reply = Some(refusal(
-                cfg,
-                Class::RateLimited,
-                Some((ctx, vec![("retry-after".into(), "1".into())])),
-            ));
-            return with_id(o);
-        };
-        if let Some(t) = counted.tightest() {
-            rate_headers = ratelimit::headers(cfg.header_style, t, now_s)
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect();
-        }
-        if !counted.allowed() {
-            let ctx = rate_context(&counted, now_s);
-            rate_headers.push(("retry-after".into(), ctx.retry_after.to_string()));
-            let mut o = Outcome::new(Kind::Refused(Class::RateLimited));
-            o.reply = Some(refusal(cfg, Class::RateLimited, Some((ctx, rate_headers))));
-            return with_id(o);
+        match counters::count_key(store, record.id, &limits, now_s) {
+            None => {
+                // The shared counter could not be updated: refuse rather than over-admit.
+                let mut o = Outcome::new(Kind::Refused(Class::RateLimited));
+                let ctx = RateContext {
+                    retry_after: 1,
+                    ..Default::default()
+                };
+                o.reply = Some(refusal(
+                    cfg,
+                    Class::RateLimited,
+                    Some((ctx, vec![("retry-after".into(), "1".into())])),
+                ));
+                if let Some(o) = refuse(Class::RateLimited, o) {
+                    return o;
+                }
+            }
+            Some(counted) => {
+                if let Some(t) = counted.tightest() {
+                    rate_headers = ratelimit::headers(cfg.header_style, t, now_s)
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect();
+                }
+                if !counted.allowed() {
+                    let ctx = rate_context(&counted, now_s);
+                    let mut headers = rate_headers.clone();
+                    headers.push(("retry-after".into(), ctx.retry_after.to_string()));
+                    let mut o = Outcome::new(Kind::Refused(Class::RateLimited));
+                    o.reply = Some(refusal(cfg, Class::RateLimited, Some((ctx, headers))));
+                    if let Some(o) = refuse(Class::RateLimited, o) {
+                        return o;
+                    }
+                }
+            }
         }
     }
 
@@ -560,7 +641,7 @@ fn decide_key(
             headers,
             body,
         });
-        return with_id(o);
+        return with_id(passed(o, shadowed));
     }
 
     // 13. Allowed.
@@ -573,7 +654,7 @@ fn decide_key(
     }
     upstream_edits(cfg, &mut o, req, Some(location));
     o.response_headers = rate_headers;
-    with_id(o)
+    with_id(passed(o, shadowed))
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 mod fixtures;
 mod rate_limit_headers;
 mod responses;
+mod shadow;
 mod step01_identity_headers;
 mod step02_client_ip;
 mod step03_exempt;
