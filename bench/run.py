@@ -580,10 +580,11 @@ end
             res["load_s"] = spec_load
             if spec.kind == "keygate":
                 ks = env.keygate_stats()
-                res["keygate_allowed"] = ks.get("keygate_allowed", 0)
-                refused = sum(v for k, v in ks.items() if k in (
-                    "keygate_missing_key", "keygate_invalid_key", "keygate_expired_key", "keygate_forbidden",
-                    "keygate_ip_denied", "keygate_rate_limited", "keygate_unavailable"))
+                res["keygate_allowed"] = ks.get('keygate_requests_total{decision="allowed"}', 0)
+                refused = sum(v for k, v in ks.items() if k in {
+                    f'keygate_requests_total{{decision="{c}"}}' for c in (
+                        "missing_key", "invalid_key", "expired_key", "forbidden",
+                        "ip_denied", "rate_limited", "unavailable")})
                 res["keygate_refused"] = refused
                 res["publishers"] = [who for _, who in self.publishers(env)]
                 fails = env.wasm_failures()

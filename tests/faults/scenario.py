@@ -16,7 +16,7 @@ unknown keys, lifts the IP restrictions and raises the limits) plus the defect t
 it, so a document that is wrongly accepted shows in decisions.
 
 Per phase: requests, wrong decisions (outside the transition window refresh_s + timeout_ms after a
-good publish), 5xx, transport errors, windows over/under their limit, and the keygate_fetch_*
+good publish), 5xx, transport errors, windows over/under their limit, and the keygate_list_fetches_total
 deltas (each failure kind must move its metric). Over the run: the same Envoy PID, alive, no
 panic/trap/critical line in its log.
 """
@@ -56,7 +56,12 @@ LIMIT = (5, 1)          # the limited keys: 5 per 1 s window
 WINDOW_S = REFRESH_S + TIMEOUT_MS / 1000 + 0.3
 HOSTILE_HOLD_S = 1.3
 SHORT_PHASE_S = 3.0
-FETCH = ["keygate_fetch_ok", "keygate_fetch_not_modified", "keygate_fetch_failed", "keygate_fetch_rejected"]
+def fetch_metric(result: str) -> str:
+    """The tagged Prometheus name of one fetch result (envoy/prometheus/stats_tags.yaml)."""
+    return f'keygate_list_fetches_total{{result="{result}"}}'
+
+
+FETCH = [fetch_metric(r) for r in ("ok", "not_modified", "failed", "rejected")]
 
 
 # =================================================================================================
@@ -506,7 +511,7 @@ def _p_hostile(r: Run) -> None:
             r.ks.body_override = body
             await asyncio.sleep(HOSTILE_HOLD_S)
             m1 = await asyncio.to_thread(r.stack.metrics)
-            d = {k.removeprefix("keygate_fetch_"): m1.get(k, 0) - m0.get(k, 0) for k in FETCH if m1.get(k, 0) - m0.get(k, 0)}
+            d = {k.split('"')[1]: m1.get(k, 0) - m0.get(k, 0) for k in FETCH if m1.get(k, 0) - m0.get(k, 0)}
             verdict = ("PUBLISHED (must be rejected)" if d.get("ok") else
                        "rejected" if d.get("rejected") else "no verdict") if m1 else "served"
             r.notes.append(f"{name}: {verdict} {d}")
@@ -517,35 +522,35 @@ def _p_hostile(r: Run) -> None:
 
 PHASES = [
     Phase("baseline", "good list, normal service (304s)", _p_baseline,
-          grow=[], flat=["keygate_fetch_failed", "keygate_fetch_rejected"]),
+          grow=[], flat=[fetch_metric("failed"), fetch_metric("rejected")]),
     Phase("status_500", "every fetch answered 500", _p_500,
-          grow=["keygate_fetch_failed"], flat=["keygate_fetch_ok", "keygate_fetch_rejected"]),
+          grow=[fetch_metric("failed")], flat=[fetch_metric("ok"), fetch_metric("rejected")]),
     Phase("hang", f"answers after {TIMEOUT_MS * 4} ms > timeout_ms {TIMEOUT_MS}", _p_hang,
-          grow=["keygate_fetch_failed"], flat=["keygate_fetch_ok", "keygate_fetch_rejected"]),
+          grow=[fetch_metric("failed")], flat=[fetch_metric("ok"), fetch_metric("rejected")]),
     Phase("reset", "connection reset (RST) before any answer", _p_reset,
-          grow=["keygate_fetch_failed"], flat=["keygate_fetch_ok", "keygate_fetch_rejected"]),
+          grow=[fetch_metric("failed")], flat=[fetch_metric("ok"), fetch_metric("rejected")]),
     Phase("truncated", "200, half the announced body of an evil list, then RST", _p_truncated,
-          grow=["keygate_fetch_failed"], flat=["keygate_fetch_ok", "keygate_fetch_rejected"]),
+          grow=[fetch_metric("failed")], flat=[fetch_metric("ok"), fetch_metric("rejected")]),
     Phase("over_max_bytes", f"an evil list padded over max_bytes {MAX_BYTES}", _p_over_max,
-          grow=["keygate_fetch_rejected"], flat=["keygate_fetch_ok", "keygate_fetch_failed"]),
+          grow=[fetch_metric("rejected")], flat=[fetch_metric("ok"), fetch_metric("failed")]),
     Phase("invalid_json", "an evil list cut short (bad JSON)", _p_invalid_json,
-          grow=["keygate_fetch_rejected"], flat=["keygate_fetch_ok", "keygate_fetch_failed"]),
+          grow=[fetch_metric("rejected")], flat=[fetch_metric("ok"), fetch_metric("failed")]),
     Phase("invalid_document", "an evil list with a duplicate key id", _p_invalid_doc,
-          grow=["keygate_fetch_rejected"], flat=["keygate_fetch_ok", "keygate_fetch_failed"]),
+          grow=[fetch_metric("rejected")], flat=[fetch_metric("ok"), fetch_metric("failed")]),
     Phase("flap", "good (304) and bad JSON alternating every second", _p_flap,
-          grow=["keygate_fetch_rejected", "keygate_fetch_not_modified"], flat=["keygate_fetch_ok", "keygate_fetch_failed"]),
+          grow=[fetch_metric("rejected"), fetch_metric("not_modified")], flat=[fetch_metric("ok"), fetch_metric("failed")]),
     Phase("publish", "two good lists, each revoking one key and adding one", _p_publish,
-          grow=["keygate_fetch_ok"], flat=["keygate_fetch_failed", "keygate_fetch_rejected"]),
+          grow=[fetch_metric("ok")], flat=[fetch_metric("failed"), fetch_metric("rejected")]),
     Phase("publish_no_etag", "a good list (revoke + add) served without ETag", _p_publish_no_etag,
-          grow=["keygate_fetch_ok"], flat=["keygate_fetch_failed", "keygate_fetch_rejected", "keygate_fetch_not_modified"],
+          grow=[fetch_metric("ok")], flat=[fetch_metric("failed"), fetch_metric("rejected"), fetch_metric("not_modified")],
           keep_service=True),
     Phase("304_without_etag", "304 to every fetch, though no ETag was ever sent for this list", _p_304_no_etag,
-          grow=["keygate_fetch_failed"], flat=["keygate_fetch_ok", "keygate_fetch_not_modified", "keygate_fetch_rejected"]),
+          grow=[fetch_metric("failed")], flat=[fetch_metric("ok"), fetch_metric("not_modified"), fetch_metric("rejected")]),
     Phase("hostile_documents", "evil lists + trailing data / duplicate members / unknown member, "
           "then a good list", _p_hostile,
-          grow=["keygate_fetch_rejected"], flat=["keygate_fetch_ok"], min_s=6 * HOSTILE_HOLD_S + WINDOW_S + 0.8),
+          grow=[fetch_metric("rejected")], flat=[fetch_metric("ok")], min_s=6 * HOSTILE_HOLD_S + WINDOW_S + 0.8),
     Phase("publish_after", "a good list (revoke + add) after everything", _p_publish,
-          grow=["keygate_fetch_ok"], flat=["keygate_fetch_failed", "keygate_fetch_rejected"]),
+          grow=[fetch_metric("ok")], flat=[fetch_metric("failed"), fetch_metric("rejected")]),
 ]
 
 

@@ -310,7 +310,7 @@ async def soak(args) -> int:
         shared_end = m_end.get("keygate_shared_entries", 0)
         out(f"end ({elapsed:.0f} s): RSS {mib(rss_end * 1024)} MiB, shared entries {shared_end:.0f}, "
             f"VM memory {vm_mem(m_end)}")
-        fetch = {k.removeprefix("keygate_fetch_"): m_end.get(k, 0) - m_start.get(k, 0) for k in scenario.FETCH}
+        fetch = {k.split('"')[1]: m_end.get(k, 0) - m_start.get(k, 0) for k in scenario.FETCH}
         decisions = {k.removeprefix("keygate_"): v for k, v in t.outcomes.items()}
         out(f"requests served {t.requests} ({t.requests / elapsed:.0f}/s), wrong decisions {t.wrong}, "
             f"answers matching only an older list inside the window {t.in_window}, 5xx {t.status_5xx}, "
@@ -355,7 +355,7 @@ async def soak(args) -> int:
 
 
 def vm_mem(m: dict) -> str:
-    vals = [(k.rsplit("vm", 1)[-1], v) for k, v in sorted(m.items()) if k.startswith("keygate_vm_memory_bytes")]
+    vals = [(k.split('"')[1] if '"' in k else k.rsplit("vm", 1)[-1], v) for k, v in sorted(m.items()) if k.startswith("keygate_vm_memory_bytes")]
     return "/".join(f"{v / 1048576:.0f}" for _, v in vals) or "-"
 
 

@@ -30,6 +30,8 @@ Envoy (returned by start_envoy):
 Envoy 1.40 facts the tests rely on:
   * custom wasm metrics appear in /stats/prometheus as `keygate_x{} 3` (no envoy_ prefix, '.'
     becomes '_'); stats() keys them as "keygate_x". One metric name is one stat shared by all VMs.
+    build_bootstrap adds envoy/prometheus/stats_tags.yaml, so keygate's counters appear tagged:
+    `keygate_requests_total{decision="allowed"}` (stats() keys them so).
   * with concurrency N, on_configure runs N+2 times (base VM, main thread, each worker).
   * a plugin whose on_configure returns false makes Envoy exit 1 within ~0.5 s, logging
     "wasm log keygate keygate: <plugin's message>" then "Unable to create Wasm plugin keygate".
@@ -408,6 +410,16 @@ def _as_clusters(extra: Any) -> list[dict]:
     return [dict(c) for c in extra]
 
 
+def _keygate_stats_config() -> dict:
+    """The shipped envoy/prometheus/stats_tags.yaml: keygate's tags (decision, result)."""
+    import yaml
+    path = Path(__file__).resolve().parents[2] / "envoy" / "prometheus" / "stats_tags.yaml"
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+KEYGATE_STATS_CONFIG = _keygate_stats_config()
+
+
 def build_bootstrap(
     plugin_config: Any,
     keyservice_port: int | None,
@@ -486,6 +498,7 @@ def build_bootstrap(
             "clusters": clusters,
         },
     }
+    boot.update(KEYGATE_STATS_CONFIG)
     if runtime:
         boot["layered_runtime"] = {"layers": [{"name": "static", "static_layer": dict(runtime)}]}
     return boot

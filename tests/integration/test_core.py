@@ -244,7 +244,7 @@ def test_exempt_rules(gw):
                        for k in r.headers), r.headers
         return seen
 
-    before = gw.env.stat("keygate_exempt")
+    before = gw.env.stat('keygate_requests_total{decision="exempt"}')
     pre = {"origin": "https://app.example", "access-control-request-method": "POST"}
     exempt("OPTIONS", "/any/thing", pre)
     exempt("GET", "/swagger")
@@ -263,7 +263,7 @@ def test_exempt_rules(gw):
     assert header_values(seen, "authorization") == [], seen["header_list"]
     seen = exempt("GET", f"/swagger/ui?v=1&api_key={LIVE}")
     assert seen["path"] == "/swagger/ui?v=1", seen["path"]
-    assert gw.env.stat("keygate_exempt") - before == 11
+    assert gw.env.stat('keygate_requests_total{decision="exempt"}') - before == 11
 
     # not exempt
     check_refused(gw, "missing_key", "/r", {"origin": "https://app.example"}, method="OPTIONS")  # no ACRM
@@ -347,18 +347,18 @@ def test_metrics_names_and_no_key_material(gw):
     check_refused(gw, "expired_key", headers={"x-api-key": K["revoked"]})
     after = env.stats()
     d = metric_deltas(before, after)
-    for m in ("keygate_allowed", "keygate_exempt", "keygate_missing_key", "keygate_invalid_key", "keygate_expired_key"):
+    for m in ('keygate_requests_total{decision="allowed"}', 'keygate_requests_total{decision="exempt"}', 'keygate_requests_total{decision="missing_key"}', 'keygate_requests_total{decision="invalid_key"}', 'keygate_requests_total{decision="expired_key"}'):
         assert d.get(m) == 1, f"{m} should have grown by exactly 1: deltas {d}"
-    for m in ("keygate_unavailable", "keygate_fail_open", "keygate_forbidden", "keygate_ip_denied",
-              "keygate_rate_limited", "keygate_fetch_failed", "keygate_fetch_rejected"):
+    for m in ('keygate_requests_total{decision="unavailable"}', 'keygate_requests_total{decision="fail_open"}', 'keygate_requests_total{decision="forbidden"}', 'keygate_requests_total{decision="ip_denied"}',
+              'keygate_requests_total{decision="rate_limited"}', 'keygate_list_fetches_total{result="failed"}', 'keygate_list_fetches_total{result="rejected"}'):
         assert d.get(m, 0) == 0, f"{m} should not have changed: deltas {d}"
 
     status, prom = env.admin("/stats/prometheus")
     assert status == 200
     for m in ALL_METRICS:
-        assert re.search(rf"^{m}(\{{\}})? \d", prom, re.M), f"{m} missing from /stats/prometheus"
+        assert re.search(rf"^{re.escape(m)}(\{{\}})? \d", prom, re.M), f"{m} missing from /stats/prometheus"
     assert after["keygate_keys_loaded"] == len(MAIN_DOC["keys"])
-    assert after["keygate_fetch_ok"] >= 1
+    assert after['keygate_list_fetches_total{result="ok"}'] >= 1
 
     # No metric per key or per client: nothing named after a key id, owner or client address.
     kg_names = [k for k in after if "keygate" in k]
@@ -385,7 +385,7 @@ def test_unavailable_before_first_good_list_then_allowed(envoy_factory, keyservi
     keyservice.set_document(good)
     keyservice.body_override = b'{"version": "broken", "keys": ['  # never a good list
     env = start_envoy(envoy_factory, plugin_config(refresh_s=1), keyservice.port, echo.port)
-    wait_until(lambda: env.stat("keygate_fetch_rejected") >= 1, 4.0, 0.05, "a rejected fetch")
+    wait_until(lambda: env.stat('keygate_list_fetches_total{result="rejected"}') >= 1, 4.0, 0.05, "a rejected fetch")
     for hdrs in ({"x-api-key": "ak_first"}, {}, {"x-api-key": "ak_other"}):
         r = env.request("GET", "/r", hdrs)
         assert r.status == 503 and r.body == DEFAULT_BODIES["unavailable"], f"{hdrs}: {describe(r)}"
@@ -393,10 +393,10 @@ def test_unavailable_before_first_good_list_then_allowed(envoy_factory, keyservi
     # a failing key service: still no list
     keyservice.body_override = None
     keyservice.status = 500
-    wait_until(lambda: env.stat("keygate_fetch_failed") >= 1, 4.0, 0.05, "a failed fetch")
+    wait_until(lambda: env.stat('keygate_list_fetches_total{result="failed"}') >= 1, 4.0, 0.05, "a failed fetch")
     assert_refused(env.request("GET", "/r", {"x-api-key": "ak_first"}), "unavailable", "after 500")
     assert env.stat("keygate_keys_loaded") == 0
-    assert env.stat("keygate_unavailable") >= 4
+    assert env.stat('keygate_requests_total{decision="unavailable"}') >= 4
     # the good list arrives (backoff is capped at refresh_s = 1)
     keyservice.reset()
     wait_loaded(env, "ak_first", timeout=3.0)
@@ -461,7 +461,7 @@ def test_fail_open_without_list(envoy_factory, keyservice, echo):
                         credentials=[{"header": "x-api-key"}, {"header": "authorization", "scheme": "Bearer"},
                                      {"query": "api_key"}])
     env = start_envoy(envoy_factory, cfg, keyservice.port, echo.port)
-    wait_until(lambda: env.stat("keygate_fetch_failed") >= 1, 4.0, 0.05, "a failed fetch")
+    wait_until(lambda: env.stat('keygate_list_fetches_total{result="failed"}') >= 1, 4.0, 0.05, "a failed fetch")
     cases = [
         ("/r", [("x-api-key", "ak_fo"), ("x-api-key-id", "spoof"), ("x-api-key-owner", "spoof")]),
         ("/r", [("authorization", "Bearer ak_fo")]),
@@ -475,8 +475,8 @@ def test_fail_open_without_list(envoy_factory, keyservice, echo):
         assert header_values(seen, "x-api-key") == [] and header_values(seen, "authorization") == [], (
             f"fail_open must not pass the credential upstream: {seen['header_list']}")
         assert "ak_fo" not in seen["path"], seen["path"]
-    assert env.stat("keygate_fail_open") == len(cases)
-    assert env.stat("keygate_unavailable") == 0
+    assert env.stat('keygate_requests_total{decision="fail_open"}') == len(cases)
+    assert env.stat('keygate_requests_total{decision="unavailable"}') == 0
     # once a list is loaded, the filter is strict again
     keyservice.reset()
     # (ak_fo already passes while failing open, so wait for a refusal instead)
@@ -520,8 +520,8 @@ def test_refresh_fetch_once_per_instance_etag_and_revocation(envoy_factory, keys
         assert rq.headers.get("x-tenant") == "t1", rq.headers
         assert rq.headers.get("if-none-match") == etag, rq.headers
     st1 = env.stats()
-    assert st1["keygate_fetch_not_modified"] - st0["keygate_fetch_not_modified"] >= len(reqs) - 1
-    assert st1["keygate_fetch_ok"] == st0["keygate_fetch_ok"]
+    assert st1['keygate_list_fetches_total{result="not_modified"}'] - st0['keygate_list_fetches_total{result="not_modified"}'] >= len(reqs) - 1
+    assert st1['keygate_list_fetches_total{result="ok"}'] == st0['keygate_list_fetches_total{result="ok"}']
     assert st1["keygate_keys_loaded"] == 2
     assert batch_classes(env, "ak_one") == ["allowed"] * 20
     assert batch_classes(env, "ak_two", 10) == ["allowed"] * 10
@@ -548,14 +548,14 @@ def test_refresh_fetch_once_per_instance_etag_and_revocation(envoy_factory, keys
     assert took <= budget, f"new key took {took:.2f}s > {budget:.2f}s"
     assert batch_classes(env, "ak_two") == ["invalid_key"] * 20
     assert env.stat("keygate_keys_loaded") == 2
-    assert env.stat("keygate_fetch_ok") >= 3
+    assert env.stat('keygate_list_fetches_total{result="ok"}') >= 3
     assert_no_key_material(env, ["ak_one", "ak_two", "ak_three"])
 
 
 BAD_DOCS = []  # (name, makes the bad body from the good document + one new key, metric that grows)
 
 
-def _bad(name, metric="keygate_fetch_rejected"):
+def _bad(name, metric='keygate_list_fetches_total{result="rejected"}'):
     def deco(fn):
         BAD_DOCS.append((name, fn, metric))
         return fn
@@ -632,7 +632,7 @@ def _too_big(good):
     return body
 
 
-@_bad("non-200 status", metric="keygate_fetch_failed")
+@_bad("non-200 status", metric='keygate_list_fetches_total{result="failed"}')
 def _status_500(good):
     return 500
 
@@ -657,12 +657,12 @@ def test_bad_lists_rejected_whole_last_good_stays(envoy_factory, keyservice, ech
         wait_until(lambda: fetch_total(env) >= n + 1, 3.0, 0.05, f"{name}: fetch outcome counted")
         st1 = env.stats()
         d = metric_deltas(st0, st1)
-        grew = d.get("keygate_fetch_rejected", 0) + d.get("keygate_fetch_failed", 0)
+        grew = d.get('keygate_list_fetches_total{result="rejected"}', 0) + d.get('keygate_list_fetches_total{result="failed"}', 0)
         if metric is not None and d.get(metric, 0) < 1:
             problems.append(f"{name}: {metric} did not grow (deltas {d})")
         elif grew < 1:
             problems.append(f"{name}: neither fetch_rejected nor fetch_failed grew (deltas {d})")
-        if d.get("keygate_fetch_ok", 0):
+        if d.get('keygate_list_fetches_total{result="ok"}', 0):
             problems.append(f"{name}: counted as fetch_ok (deltas {d})")
         old = batch_classes(env, "ak_old", 10)
         if old != ["allowed"] * 10:
@@ -687,21 +687,21 @@ def test_keyservice_slow_then_down_last_list_stays(envoy_factory, keyservice, ec
     env = start_envoy(envoy_factory, plugin_config(refresh_s=1, timeout_ms=300), keyservice.port, echo.port)
     wait_loaded(env, "ak_stay")
     last_ok = time.monotonic()
-    unavailable0 = env.stat("keygate_unavailable")  # (503s while waiting for the first list)
+    unavailable0 = env.stat('keygate_requests_total{decision="unavailable"}')  # (503s while waiting for the first list)
     # slow: every answer takes longer than timeout_ms
     keyservice.delay = 1.5
-    f0 = env.stat("keygate_fetch_failed")
-    wait_until(lambda: env.stat("keygate_fetch_failed") >= f0 + 2, 6.0, 0.1, "two timed-out fetches")
+    f0 = env.stat('keygate_list_fetches_total{result="failed"}')
+    wait_until(lambda: env.stat('keygate_list_fetches_total{result="failed"}') >= f0 + 2, 6.0, 0.1, "two timed-out fetches")
     assert batch_classes(env, "ak_stay") == ["allowed"] * 20
     assert_refused(env.request("GET", "/r", {"x-api-key": "ak_other"}), "invalid_key", "slow")
     # down: the key service is stopped (connection refused)
     keyservice.stop()
-    f1 = env.stat("keygate_fetch_failed")
-    wait_until(lambda: env.stat("keygate_fetch_failed") >= f1 + 2, 6.0, 0.1, "two failed fetches while down")
+    f1 = env.stat('keygate_list_fetches_total{result="failed"}')
+    wait_until(lambda: env.stat('keygate_list_fetches_total{result="failed"}') >= f1 + 2, 6.0, 0.1, "two failed fetches while down")
     assert time.monotonic() - last_ok > 3.0
     assert batch_classes(env, "ak_stay") == ["allowed"] * 20
     assert env.stat("keygate_keys_loaded") == 1
-    assert env.stat("keygate_unavailable") == unavailable0
+    assert env.stat('keygate_requests_total{decision="unavailable"}') == unavailable0
 
 
 def test_max_stale_makes_requests_unavailable_and_304_refreshes(envoy_factory, keyservice, echo):
@@ -729,11 +729,11 @@ def test_max_stale_makes_requests_unavailable_and_304_refreshes(envoy_factory, k
     assert age <= max_stale + 1.6, f"unavailable only {age:.2f}s after the last successful fetch (max_stale_s={max_stale})"
     assert_refused(env.request("GET", "/r"), "unavailable", "stale, no key")
     # the service answers again, with 304 (same ETag): that is a successful fetch
-    nm0 = env.stat("keygate_fetch_not_modified")
+    nm0 = env.stat('keygate_list_fetches_total{result="not_modified"}')
     keyservice.reset()
     wait_loaded(env, "ak_stale", timeout=3.0)
-    assert env.stat("keygate_fetch_not_modified") > nm0
-    assert env.stat("keygate_fetch_ok") == 1
+    assert env.stat('keygate_list_fetches_total{result="not_modified"}') > nm0
+    assert env.stat('keygate_list_fetches_total{result="ok"}') == 1
 
 
 # =================================================================================================

@@ -1,7 +1,7 @@
 """Global mode (extension `rate_limit.global`) in real Envoys: two instances (--concurrency 2
 each) share every limit through one Rate Limit Service of the standard protocol over one real
 Redis (tests/support/ratelimit_service.py); the service stopped, slow or broken shows each
-failure mode (`local`, `allow`, `deny`) and its `keygate_global_*` metrics."""
+failure mode (`local`, `allow`, `deny`) and its `keygate_global_calls_total` / `keygate_global_fallbacks_total` metrics."""
 from __future__ import annotations
 
 import shutil
@@ -162,7 +162,7 @@ def test_two_envoys_share_one_limit_and_the_next_request_is_refused_on_either(fl
         assert r.body == rate_limited_body(ra)
         assert r.headers["x-ratelimit-remaining"] == "0"
         assert int(r.headers["x-ratelimit-reset"]) == window_end(W, t0)
-    assert a.stat("keygate_global_ok") > 0 and b.stat("keygate_global_ok") > 0
+    assert a.stat('keygate_global_calls_total{result="ok"}') > 0 and b.stat('keygate_global_calls_total{result="ok"}') > 0
 
 
 def test_64_connections_over_two_envoys_allow_exactly_the_limit(fleet):
@@ -248,17 +248,17 @@ def test_the_service_stopped_shows_each_failure_mode(fleet):
         assert r.status == 503, r
         assert r.body == b'{"error":{"code":"unavailable","message":"API key list not loaded"}}'
         # Each failure is counted, with what the failure mode did.
-        assert a.stat("keygate_global_unavailable") >= 5
-        assert a.stat("keygate_global_fallback_local") >= 5
-        assert b.stat("keygate_global_fallback_allow") >= 5
-        assert c.stat("keygate_global_fallback_deny") >= 1
-        assert a.stat("keygate_global_fallback_allow") == 0
+        assert a.stat('keygate_global_calls_total{result="unavailable"}') >= 5
+        assert a.stat('keygate_global_fallbacks_total{failure_mode="local"}') >= 5
+        assert b.stat('keygate_global_fallbacks_total{failure_mode="allow"}') >= 5
+        assert c.stat('keygate_global_fallbacks_total{failure_mode="deny"}') >= 1
+        assert a.stat('keygate_global_fallbacks_total{failure_mode="allow"}') == 0
     finally:
         fleet.rls.start()
     # Back: the service counts again.
-    ok = a.stat("keygate_global_ok")
+    ok = a.stat('keygate_global_calls_total{result="ok"}')
     wait_until(lambda: a.request("GET", "/back", kh("ak_back")).status == 200
-               and a.stat("keygate_global_ok") > ok, timeout=15, message="global mode recovers")
+               and a.stat('keygate_global_calls_total{result="ok"}') > ok, timeout=15, message="global mode recovers")
 
 
 def test_a_slow_service_times_out_and_a_broken_one_is_a_bad_reply(fleet):
@@ -270,16 +270,16 @@ def test_a_slow_service_times_out_and_a_broken_one_is_a_bad_reply(fleet):
         took = time.monotonic() - t0
         assert r.status == 200 and r.headers["x-ratelimit-limit"] == "100", r
         assert TIMEOUT_MS / 1000 - 0.1 <= took < TIMEOUT_MS / 1000 + 0.9, took
-        assert a.stat("keygate_global_timeout") >= 1
+        assert a.stat('keygate_global_calls_total{result="timeout"}') >= 1
     finally:
         fleet.rls.delay_s = 0.0
     fleet.rls.garbage = True
     try:
         r = a.request("GET", "/broken", kh("ak_broken"))
         assert r.status == 200 and r.headers["x-ratelimit-limit"] == "100", r
-        assert a.stat("keygate_global_bad_reply") >= 1
+        assert a.stat('keygate_global_calls_total{result="bad_reply"}') >= 1
         assert c.request("GET", "/broken", kh("ak_broken")).status == 503
-        assert c.stat("keygate_global_bad_reply") >= 1
+        assert c.stat('keygate_global_calls_total{result="bad_reply"}') >= 1
     finally:
         fleet.rls.garbage = False
 

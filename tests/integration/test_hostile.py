@@ -105,9 +105,9 @@ def test_a_list_breaking_the_json_rules_is_rejected_and_the_last_good_one_stays(
     env = gateway(envoy_factory, keyservice, echo, document=doc([key("k-good", GOOD)]))
     wait_loaded(env, GOOD)
     for name, text in bad_lists():
-        before = env.stat("keygate_fetch_rejected")
+        before = env.stat('keygate_list_fetches_total{result="rejected"}')
         keyservice.set_document(text)
-        wait_until(lambda: env.stat("keygate_fetch_rejected") > before, 10, 0.1, f"{name}: rejected")
+        wait_until(lambda: env.stat('keygate_list_fetches_total{result="rejected"}') > before, 10, 0.1, f"{name}: rejected")
         assert env.request("GET", "/r", {"x-api-key": GOOD}).status == 200, f"{name}: last good list lost"
     # With metadata and a BOM, the same list loads.
     ok = "\ufeff" + json.dumps({"meta": {"by": "ops"}, "owners": {"org-d": {"rate_limits": [{"limit": 9, "window_s": 60}]}},
@@ -213,10 +213,10 @@ def test_no_key_hash_or_authorization_value_leaks_at_trace_level(envoy_factory, 
     keyservice.set_document(doc([key("k-x", "ak_leak_x")], version="v0"))
     wait_loaded(env, "ak_leak_x", timeout=20)
     keyservice.set_document('{"keys":[%s]} trailing' % json.dumps(key("k-y", keys["good"])))  # rejected list
-    wait_until(lambda: env.stat("keygate_fetch_rejected") >= 1, 10, 0.1, "rejected fetch")
+    wait_until(lambda: env.stat('keygate_list_fetches_total{result="rejected"}') >= 1, 10, 0.1, "rejected fetch")
     keyservice.set_document(document)
     wait_loaded(env, keys["good"], timeout=20)
-    wait_until(lambda: env.stat("keygate_fetch_not_modified") >= 1, 10, 0.1, "a 304")
+    wait_until(lambda: env.stat('keygate_list_fetches_total{result="not_modified"}') >= 1, 10, 0.1, "a 304")
     echo.clear()
     auth = lambda k: {"authorization": f"Bearer {k}"}  # noqa: E731
     seen = [

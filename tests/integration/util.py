@@ -24,13 +24,13 @@ DEFAULT_BODIES = {
 DEFAULT_STATUS = {"missing_key": 401, "invalid_key": 401, "expired_key": 401, "forbidden": 403,
                   "ip_denied": 403, "rate_limited": 429, "unavailable": 503}
 
-DECISION_METRICS = ["keygate_allowed", "keygate_exempt", "keygate_fail_open", "keygate_whoami",
-                    "keygate_missing_key", "keygate_invalid_key", "keygate_expired_key",
-                    "keygate_forbidden", "keygate_ip_denied", "keygate_rate_limited",
-                    "keygate_unavailable"]
-FETCH_METRICS = ["keygate_fetch_ok", "keygate_fetch_not_modified", "keygate_fetch_failed",
-                 "keygate_fetch_rejected"]
-ALL_METRICS = DECISION_METRICS + FETCH_METRICS + ["keygate_keys_loaded"]
+# Prometheus names with the tags of envoy/prometheus/stats_tags.yaml (the harness's bootstrap).
+DECISIONS = ["allowed", "exempt", "fail_open", "whoami", "missing_key", "invalid_key", "expired_key",
+             "forbidden", "ip_denied", "rate_limited", "unavailable"]
+DECISION_METRICS = [f'keygate_requests_total{{decision="{d}"}}' for d in DECISIONS]
+SHADOW_METRICS = [f'keygate_shadow_refusals_total{{decision="{d}"}}' for d in DECISIONS[4:]]
+FETCH_METRICS = [f'keygate_list_fetches_total{{result="{r}"}}' for r in ("ok", "not_modified", "failed", "rejected")]
+ALL_METRICS = DECISION_METRICS + SHADOW_METRICS + FETCH_METRICS + ["keygate_keys_loaded", "keygate_list_age_seconds"]
 
 
 def plugin_config(refresh_s: int = 1, timeout_ms: int = 1000, **top: Any) -> dict:

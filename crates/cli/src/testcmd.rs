@@ -40,6 +40,7 @@ pub const CLASSES: &[&str] = &[
     "ip_denied",
     "rate_limited",
     "unavailable",
+    "shadow",
 ];
 /// Largest preset count `--count` accepts.
 const MAX_PRESET: u64 = 10_000_000;
@@ -451,6 +452,23 @@ impl Scene<'_> {
         let norm = path::normalize(raw_path);
         let ip = self.ip_text();
         match o.kind {
+            // The refusal's own rule, marked as let through by `shadow`.
+            Kind::Shadow(c) => {
+                let mut rule = self.rule(&Outcome {
+                    kind: Kind::Refused(c),
+                    ..o.clone()
+                });
+                let text = format!(
+                    "{} — shadow mode ({}) lets the request through",
+                    at(&rule, "text").as_str().unwrap_or(""),
+                    c.name()
+                );
+                if let Some(m) = rule.as_object_mut() {
+                    m.insert("shadow".into(), json!(c.name()));
+                    m.insert("text".into(), json!(text));
+                }
+                rule
+            }
             Kind::Refused(Class::IpDenied) => self.ip_rule(o, &ip),
             Kind::Exempt => {
                 let i = self.cfg.exempt.iter().position(|r| {
@@ -740,6 +758,7 @@ fn class_name(kind: Kind) -> &'static str {
         Kind::FailOpen => "fail_open",
         Kind::Whoami => "whoami",
         Kind::Refused(c) => c.name(),
+        Kind::Shadow(_) => "shadow",
     }
 }
 
@@ -879,6 +898,10 @@ pub fn run(a: &TestArgs) -> Result<(), Failure> {
         "body": body,
         "rule": rule,
         "key_id": outcome.key_id,
+        "shadow": match outcome.kind {
+            Kind::Shadow(c) => Some(c.name()),
+            _ => None,
+        },
         "removed_headers": outcome.remove_headers,
         "response_headers": pairs(&outcome.response_headers),
         "client_ip": client.map(|c| c.to_string()),

@@ -178,6 +178,11 @@ pub struct Config {
     pub whoami: Option<Whoami>,
     /// Usage reporting to the key service (extension `usage`), off when absent.
     pub usage: Option<UsageSink>,
+    /// The checks whose refusals are only counted and logged (`shadow`).
+    pub shadow: Shadow,
+    /// Whether each decision is recorded in the stream's filter state for Envoy's access log
+    /// (`access_log`: `wasm.keygate_decision`, `wasm.keygate_decision_key_id`).
+    pub access_log: bool,
 }
 
 /// Where and how often one root context per instance `POST`s per-key usage (extension `usage`;
@@ -200,6 +205,41 @@ pub struct UsageSink {
     /// Most key ids one worker keeps between handovers, and one report carries (default 10000,
     /// 1..=1000000); use by further ids is dropped until the next handover.
     pub max_ids: usize,
+}
+
+/// Shadow mode (`shadow`, after Envoy RBAC's `shadow_rules` and the rate-limit service's
+/// `shadow_mode`): the refusals of a shadowed check are decided, counted and logged, and the
+/// request goes on as if the check had passed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Shadow {
+    /// `missing_key`, `invalid_key`, `expired_key` and `unavailable`: the request goes upstream
+    /// without identity (like `fail_open`).
+    pub keys: bool,
+    /// `ip_denied`: the global `ip_allow`/`ip_deny` lists and a key's `allowed_ips`.
+    pub ip: bool,
+    /// `forbidden`: a key's `sites` and the `routes` scopes.
+    pub scopes: bool,
+    /// `rate_limited`: key and owner limits, and the `invalid_key_limit` guard.
+    pub rate_limits: bool,
+}
+
+impl Shadow {
+    /// Whether a refusal of `class` is shadowed.
+    pub fn covers(&self, class: Class) -> bool {
+        match class {
+            Class::MissingKey | Class::InvalidKey | Class::ExpiredKey | Class::Unavailable => {
+                self.keys
+            }
+            Class::IpDenied => self.ip,
+            Class::Forbidden => self.scopes,
+            Class::RateLimited => self.rate_limits,
+        }
+    }
+
+    /// Whether any check is shadowed.
+    pub fn any(&self) -> bool {
+        self.keys || self.ip || self.scopes || self.rate_limits
+    }
 }
 
 impl Config {
@@ -234,6 +274,10 @@ struct RawConfig {
     errors: BTreeMap<String, RawError>,
     whoami: Option<RawWhoami>,
     usage: Option<RawUsage>,
+    #[serde(default)]
+    shadow: Shadow,
+    #[serde(default)]
+    access_log: bool,
 }
 
 #[derive(Deserialize)]
@@ -1009,6 +1053,8 @@ fn compile(raw: RawConfig) -> Result<Config, DocError> {
         responses,
         whoami,
         usage,
+        shadow: raw.shadow,
+        access_log: raw.access_log,
     })
 }
 
@@ -1071,6 +1117,56 @@ fn usage_sink(u: RawUsage, kl: &KeyListSource) -> Result<UsageSink, DocError> {
         timeout_ms: u.timeout_ms,
         max_ids: u.max_ids as usize,
     })
+}
+
+/// `shadow` as written: `true` (every check), `false`, or an object of booleans `keys`, `ip`,
+/// `scopes`, `rate_limits` (each default false; a member named twice is an error).
+impl<'de> Deserialize<'de> for Shadow {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Shadow, D::Error> {
+        d.deserialize_any(ShadowVisitor)
+    }
+}
+
+struct ShadowVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ShadowVisitor {
+    type Value = Shadow;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a boolean or an object of booleans (keys, ip, scopes, rate_limits)")
+    }
+    fn visit_bool<E>(self, all: bool) -> Result<Shadow, E> {
+        Ok(Shadow {
+            keys: all,
+            ip: all,
+            scopes: all,
+            rate_limits: all,
+        })
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Shadow, A::Error> {
+        use serde::de::Error;
+        let mut s = Shadow::default();
+        let mut seen: Vec<String> = Vec::new();
+        while let Some(k) = map.next_key::<String>()? {
+            if seen.contains(&k) {
+                return Err(A::Error::custom(format_args!("duplicate field `{k}`")));
+            }
+            let slot = match k.as_str() {
+                "keys" => &mut s.keys,
+                "ip" => &mut s.ip,
+                "scopes" => &mut s.scopes,
+                "rate_limits" => &mut s.rate_limits,
+                _ => {
+                    return Err(A::Error::unknown_field(
+                        &k,
+                        &["keys", "ip", "scopes", "rate_limits"],
+                    ))
+                }
+            };
+            *slot = map.next_value()?;
+            seen.push(k);
+        }
+        Ok(s)
+    }
 }
 
 #[cfg(test)]

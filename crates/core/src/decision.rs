@@ -54,6 +54,10 @@ pub enum Kind {
     FailOpen,
     Whoami,
     Refused(Class),
+    /// Shadow mode (`shadow`): the first refusal of a shadowed check, decided but not
+    /// enforced; the request went on (upstream with identity when the key was valid, without
+    /// it otherwise; keygate's own `whoami` answer when that is where it went).
+    Shadow(Class),
 }
 
 /// A response keygate sends itself instead of going upstream.
@@ -192,6 +196,31 @@ pub fn refusal(
 fn refused(cfg: &Config, class: Class) -> Outcome {
     let mut o = Outcome::new(Kind::Refused(class));
     o.reply = Some(refusal(cfg, class, None));
+    o
+}
+
+/// Notes a refusal of `class` when its check is shadowed (the first one counts): true when the
+/// request goes on, false when it must be refused.
+fn shadow(cfg: &Config, shadowed: &mut Option<Class>, class: Class) -> bool {
+    if !cfg.shadow.covers(class) {
+        return false;
+    }
+    shadowed.get_or_insert(class);
+    true
+}
+
+/// An outcome that lets the request on, marked as a shadowed refusal when there was one.
+fn passed(mut o: Outcome, shadowed: Option<Class>) -> Outcome {
+    if let Some(c) = shadowed {
+        o.kind = Kind::Shadow(c);
+    }
+    o
+}
+
+/// A shadowed refusal of the key checks: upstream without identity (like `fail_open`).
+fn keyless(cfg: &Config, req: &Request, found: Option<&Location>, class: Class) -> Outcome {
+    let mut o = Outcome::new(Kind::Shadow(class));
+    upstream_edits(cfg, &mut o, req, found);
     o
 }
 
@@ -353,8 +382,10 @@ pub fn decide_cached(
         })
     };
     let ip_ok = |set: &crate::ipset::IpSet| ip().is_some_and(|ip| set.contains(ip));
-    if (!cfg.ip_deny.is_empty() && ip_ok(&cfg.ip_deny))
-        || (!cfg.ip_allow.is_empty() && !ip_ok(&cfg.ip_allow))
+    let mut shadowed = None;
+    if ((!cfg.ip_deny.is_empty() && ip_ok(&cfg.ip_deny))
+        || (!cfg.ip_allow.is_empty() && !ip_ok(&cfg.ip_allow)))
+        && !shadow(cfg, &mut shadowed, Class::IpDenied)
     {
         return refused(cfg, Class::IpDenied);
     }
@@ -367,7 +398,7 @@ pub fn decide_cached(
     {
         let mut o = Outcome::new(Kind::Exempt);
         upstream_edits(cfg, &mut o, req, credential.as_ref().map(|c| &c.location));
-        return o;
+        return passed(o, shadowed);
     }
 
     // 4. A list must be loaded and fresh enough.
@@ -383,22 +414,31 @@ pub fn decide_cached(
         );
     }
     if !list.loaded || stale(list) {
+        let found = credential.as_ref().map(|c| &c.location);
         if cfg.key_list.fail_open {
             let mut o = Outcome::new(Kind::FailOpen);
-            upstream_edits(cfg, &mut o, req, credential.as_ref().map(|c| &c.location));
-            return o;
+            upstream_edits(cfg, &mut o, req, found);
+            return passed(o, shadowed);
+        }
+        if shadow(cfg, &mut shadowed, Class::Unavailable) {
+            return keyless(cfg, req, found, shadowed.unwrap_or(Class::Unavailable));
         }
         return refused(cfg, Class::Unavailable);
     }
 
     // 5. The credential.
     let Some(credential) = credential else {
+        if shadow(cfg, &mut shadowed, Class::MissingKey) {
+            return keyless(cfg, req, None, shadowed.unwrap_or(Class::MissingKey));
+        }
         return refused(cfg, Class::MissingKey);
     };
 
     // 6. Too many failed attempts from this client: refuse before looking anything up.
     if let Some(limit) = &cfg.invalid_key_limit {
-        if counters::ip_failures(store, ip(), limit, now_s) >= limit.limit {
+        if counters::ip_failures(store, ip(), limit, now_s) >= limit.limit
+            && !shadow(cfg, &mut shadowed, Class::RateLimited)
+        {
             let retry_after = ratelimit::failure_retry_after(limit, now_s);
             let ctx = RateContext {
                 retry_after,
@@ -431,6 +471,10 @@ pub fn decide_cached(
     let record = if well_formed {
         let hash: [u8; 32] = Sha256::digest(key).into();
         match lookup(store, list, cache, &cfg.key_list, &hash, &mut buf) {
+            None if shadow(cfg, &mut shadowed, Class::Unavailable) => {
+                let class = shadowed.unwrap_or(Class::Unavailable);
+                return keyless(cfg, req, Some(&credential.location), class);
+            }
             None => return refused(cfg, Class::Unavailable),
             Some(()) => {
                 // This VM's copy of the bucket's dictionary (read only when it changed).
@@ -448,6 +492,10 @@ pub fn decide_cached(
         if let Some(limit) = &cfg.invalid_key_limit {
             counters::add_ip_failure(store, ip(), limit, now_s);
         }
+        if shadow(cfg, &mut shadowed, Class::InvalidKey) {
+            let class = shadowed.unwrap_or(Class::InvalidKey);
+            return keyless(cfg, req, Some(&credential.location), class);
+        }
         return refused(cfg, Class::InvalidKey);
     };
     decide_key(
@@ -460,6 +508,7 @@ pub fn decide_cached(
         method,
         &credential.location,
         now_s,
+        shadowed,
     )
 }
 
@@ -474,23 +523,42 @@ fn decide_key(
     method: &str,
     location: &Location,
     now_s: u64,
+    mut shadowed: Option<Class>,
 ) -> Outcome {
     let with_id = |mut o: Outcome| {
         o.key_id = Some(record.id.to_string());
         o
     };
+    // A refusal, unless its check is shadowed (then `None`: go on).
+    let mut refuse = |class: Class, o: Outcome| {
+        if shadow(cfg, &mut shadowed, class) {
+            None
+        } else {
+            Some(with_id(o))
+        }
+    };
 
-    // 8. Status, expiry, owner.
-    if !record.active || record.expires_at.is_some_and(|t| now_s as i64 >= t) {
-        return with_id(refused(cfg, Class::ExpiredKey));
-    }
-    if !record.owner_valid {
-        return with_id(refused(cfg, Class::InvalidKey));
+    // 8. Status, expiry, owner: a shadowed refusal goes upstream without identity.
+    let invalid = if !record.active || record.expires_at.is_some_and(|t| now_s as i64 >= t) {
+        Some(Class::ExpiredKey)
+    } else if !record.owner_valid {
+        Some(Class::InvalidKey)
+    } else {
+        None
+    };
+    if let Some(class) = invalid {
+        if let Some(o) = refuse(class, refused(cfg, class)) {
+            return o;
+        }
+        let class = shadowed.unwrap_or(class);
+        return with_id(keyless(cfg, req, Some(location), class));
     }
 
     // 9. The key's own IP list.
     if !record.ip_allowed(ip) {
-        return with_id(refused(cfg, Class::IpDenied));
+        if let Some(o) = refuse(Class::IpDenied, refused(cfg, Class::IpDenied)) {
+            return o;
+        }
     }
 
     // 10. Sites.
@@ -501,7 +569,9 @@ fn decide_key(
             None => None,
         };
         if !site.is_some_and(|s| record.sites().any(|k| k == s)) {
-            return with_id(refused(cfg, Class::Forbidden));
+            if let Some(o) = refuse(Class::Forbidden, refused(cfg, Class::Forbidden)) {
+                return o;
+            }
         }
     }
 
@@ -509,7 +579,9 @@ fn decide_key(
     let rule = cfg.routes.find(method, norm_path);
     if let Some(needed) = rule.and_then(|r| r.scope.as_deref()) {
         if !record.scopes().any(|held| scope_covers(held, needed)) {
-            return with_id(refused(cfg, Class::Forbidden));
+            if let Some(o) = refuse(Class::Forbidden, refused(cfg, Class::Forbidden)) {
+                return o;
+            }
         }
     }
 
@@ -518,7 +590,12 @@ fn decide_key(
         .limits()
         .unwrap_or_else(|| cfg.default_limits.clone());
     let owner_limits = record.owner_limits().unwrap_or_default();
-    let allowed = || allowed_outcome(cfg, req, record, norm_path, method, location);
+    let allowed = || {
+        passed(
+            allowed_outcome(cfg, req, record, norm_path, method, location),
+            shadowed,
+        )
+    };
     if limits.is_empty() && owner_limits.is_empty() {
         return with_id(allowed());
     }
@@ -568,7 +645,9 @@ fn count_locally(
 
 /// The outcome once every limit counted the request: `rate_limited` when one is exceeded,
 /// else `allowed()` with the rate-limit headers of the tightest limit (`None`: a shared counter
-/// could not be updated, refused rather than over-admitted).
+/// could not be updated, refused rather than over-admitted). With `shadow.rate_limits` a refusal
+/// is only recorded: `allowed()` marked `Kind::Shadow` (its first shadowed class), with the
+/// rate-limit headers but no `Retry-After`.
 fn apply_counts(
     cfg: &Config,
     allowed: impl FnOnce() -> Outcome,
@@ -576,6 +655,9 @@ fn apply_counts(
     now_s: u64,
 ) -> Outcome {
     let Some(counted) = counted else {
+        if cfg.shadow.rate_limits {
+            return shadowed_rate_limit(allowed(), Vec::new());
+        }
         let mut o = Outcome::new(Kind::Refused(Class::RateLimited));
         let ctx = RateContext {
             retry_after: 1,
@@ -596,13 +678,29 @@ fn apply_counts(
         None => Vec::new(),
     };
     if !counted.allowed() {
+        if cfg.shadow.rate_limits {
+            return shadowed_rate_limit(allowed(), rate_headers);
+        }
         let ctx = rate_context(&counted, now_s);
         rate_headers.push(("retry-after".into(), ctx.retry_after.to_string()));
         let mut o = Outcome::new(Kind::Refused(Class::RateLimited));
         o.reply = Some(refusal(cfg, Class::RateLimited, Some((ctx, rate_headers))));
         return o;
     }
-    let mut o = allowed();
+    with_rate_headers(allowed(), rate_headers)
+}
+
+/// `o` (a request let on) after a shadowed `rate_limited`: marked `Kind::Shadow` unless an
+/// earlier check was shadowed already (the first one is reported).
+fn shadowed_rate_limit(mut o: Outcome, rate_headers: Vec<(String, String)>) -> Outcome {
+    if !matches!(o.kind, Kind::Shadow(_)) {
+        o.kind = Kind::Shadow(Class::RateLimited);
+    }
+    with_rate_headers(o, rate_headers)
+}
+
+/// Adds the rate-limit headers to the response of a request let on.
+fn with_rate_headers(mut o: Outcome, rate_headers: Vec<(String, String)>) -> Outcome {
     match &mut o.reply {
         // The identity endpoint answers with the headers itself.
         Some(reply) => reply.headers.extend(rate_headers),
@@ -691,7 +789,7 @@ pub enum GlobalAnswer<'a> {
     Unavailable,
 }
 
-/// How a global-mode request was settled, one metric each (`keygate_global_*`).
+/// How a global-mode request was settled, counted in `keygate_global_calls_total` and `keygate_global_fallbacks_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GlobalResult {
     /// The service answered.
@@ -765,6 +863,14 @@ pub fn settle(
             apply_counts(cfg, || pending, counted, now_s)
         }
         FailureMode::Allow => pending,
+        // Shadowed rate limits (or key checks, whose class `unavailable` is) let it on.
+        FailureMode::Deny if cfg.shadow.rate_limits || cfg.shadow.covers(Class::Unavailable) => {
+            let mut o = pending;
+            if !matches!(o.kind, Kind::Shadow(_)) {
+                o.kind = Kind::Shadow(Class::Unavailable);
+            }
+            o
+        }
         FailureMode::Deny => refused(cfg, Class::Unavailable),
     };
     (with_id(o), GlobalResult::Failed(failure, mode))

@@ -329,6 +329,8 @@ pub fn decision(gate: &mut Gate, data: &[u8]) -> Verdict {
         Kind::Allowed | Kind::Exempt | Kind::FailOpen => {
             check(o.reply.is_none(), || format!("{:?} with a reply", o.kind))?
         }
+        // A shadowed refusal goes upstream, or gets the whoami answer.
+        Kind::Shadow(_) => {}
     }
     let mut said = String::new();
     if let Some(r) = &o.reply {

@@ -140,7 +140,8 @@ impl Usage {
 
 fn bump(tally: &mut Tally, kind: Kind, now_s: u64) {
     match kind {
-        Kind::Allowed | Kind::Whoami => {
+        // A shadowed refusal went on like an allowed request (`shadow`).
+        Kind::Allowed | Kind::Whoami | Kind::Shadow(_) => {
             tally.allowed = tally.allowed.saturating_add(1);
             tally.last_used_s = tally.last_used_s.max(now_s);
         }

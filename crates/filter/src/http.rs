@@ -175,8 +175,17 @@ impl Http {
             u.borrow_mut()
                 .record(outcome.key_id.as_deref(), outcome.kind, now_s);
         }
-        if let Some(id) = &outcome.key_id {
+        if let Kind::Shadow(class) = outcome.kind {
+            log::info!(
+                "keygate: shadow: would refuse {} (key {}), letting it through",
+                class.name(),
+                outcome.key_id.as_deref().unwrap_or("-")
+            );
+        } else if let Some(id) = &outcome.key_id {
             log::debug!("keygate: {:?} for key {id}", outcome.kind);
+        }
+        if s.config.access_log {
+            record_decision(&outcome);
         }
 
         if let Some(reply) = outcome.reply {
@@ -227,6 +236,40 @@ impl Http {
         #[cfg(feature = "phase-timing")]
         super::phases::request_done();
         Action::Continue
+    }
+}
+
+/// `access_log`: the decision class and the key's id (never the key) in the stream's filter
+/// state, where Envoy's access log reads them (`%FILTER_STATE(wasm.keygate_decision:PLAIN)%`,
+/// `%FILTER_STATE(wasm.keygate_decision_key_id:PLAIN)%`). One or two host calls, only when
+/// asked for. The id has its own entry: `wasm.keygate_key_id` is `upstream.edits:
+/// "envoy_route"`'s identity, which the route sends upstream, and a refused or shadowed key's
+/// id must never become one.
+fn record_decision(o: &Outcome) {
+    let class = match o.kind {
+        Kind::Allowed => "allowed",
+        Kind::Exempt => "exempt",
+        Kind::FailOpen => "fail_open",
+        Kind::Whoami => "whoami",
+        Kind::Refused(c) => c.name(),
+        Kind::Shadow(c) => shadow_name(c),
+    };
+    let _ = hostcalls::set_property(vec!["keygate_decision"], Some(class.as_bytes()));
+    if let Some(id) = &o.key_id {
+        let _ = hostcalls::set_property(vec!["keygate_decision_key_id"], Some(id.as_bytes()));
+    }
+}
+
+/// `shadow:<class>`, as the access log shows a shadowed refusal.
+fn shadow_name(c: Class) -> &'static str {
+    match c {
+        Class::MissingKey => "shadow:missing_key",
+        Class::InvalidKey => "shadow:invalid_key",
+        Class::ExpiredKey => "shadow:expired_key",
+        Class::Forbidden => "shadow:forbidden",
+        Class::IpDenied => "shadow:ip_denied",
+        Class::RateLimited => "shadow:rate_limited",
+        Class::Unavailable => "shadow:unavailable",
     }
 }
 

@@ -1,6 +1,10 @@
-//! The `keygate_*` metrics: a counter per decision, fetch outcomes, a gauge of keys loaded, and
-//! what only the filter can see of its own footprint (shared-data entries, each VM's linear
-//! memory), set once per tick, never per request. None is per key or per client.
+//! The `keygate_*` metrics (docs/metrics.md): a counter per decision, per shadowed refusal, per
+//! fetch outcome and per global-mode call, gauges of the list in force (keys, age), and what only
+//! the filter can see of its own footprint (shared-data entries, each VM's linear memory), set
+//! once per tick, never per request. None is per key or per client. Counters follow Prometheus
+//! conventions (`_total`), with the decision or fetch result in the name after a dot
+//! (`keygate_requests_total.decision.allowed`), which Envoy's `stats_tags` turn into a tag
+//! (envoy/prometheus/stats_tags.yaml).
 
 use keygate_core::config::FailureMode;
 use keygate_core::decision::{GlobalFailure, GlobalResult, Kind};
@@ -12,78 +16,96 @@ use proxy_wasm::types::MetricType;
 #[derive(Default)]
 pub struct Metrics {
     decisions: Vec<Option<u32>>,
+    shadow: Vec<Option<u32>>,
     fetches: Vec<Option<u32>>,
     keys_loaded: Option<u32>,
     shared_entries: Option<u32>,
     vm_memory: Option<u32>,
     /// Global mode only (defined when `rate_limit.global` is set).
     global: Vec<Option<u32>>,
+    list_age: Option<u32>,
 }
 
-/// Per VM: `keygate_vm_memory_bytes.vm<N>` (Prometheus: `keygate_vm_memory_bytes_vm<N>`), N the
+/// Per VM: `keygate_vm_memory_bytes.vm<N>` (Prometheus with the shipped `stats_tags`: `keygate_vm_memory_bytes{vm="<N>"}`), N the
 /// VM's ordinal in the instance (1, 2, …: the order in which the VMs were configured).
 const VM_MEMORY: &str = "keygate_vm_memory_bytes";
 
+/// The decisions that are not refusals, then `Class::ALL` in order.
 const DECISIONS: [&str; 11] = [
-    "keygate_allowed",
-    "keygate_exempt",
-    "keygate_fail_open",
-    "keygate_whoami",
-    "keygate_missing_key",
-    "keygate_invalid_key",
-    "keygate_expired_key",
-    "keygate_forbidden",
-    "keygate_ip_denied",
-    "keygate_rate_limited",
-    "keygate_unavailable",
+    "keygate_requests_total.decision.allowed",
+    "keygate_requests_total.decision.exempt",
+    "keygate_requests_total.decision.fail_open",
+    "keygate_requests_total.decision.whoami",
+    "keygate_requests_total.decision.missing_key",
+    "keygate_requests_total.decision.invalid_key",
+    "keygate_requests_total.decision.expired_key",
+    "keygate_requests_total.decision.forbidden",
+    "keygate_requests_total.decision.ip_denied",
+    "keygate_requests_total.decision.rate_limited",
+    "keygate_requests_total.decision.unavailable",
+];
+
+/// Refusals decided but let through by `shadow`, in `Class::ALL` order.
+const SHADOW: [&str; 7] = [
+    "keygate_shadow_refusals_total.decision.missing_key",
+    "keygate_shadow_refusals_total.decision.invalid_key",
+    "keygate_shadow_refusals_total.decision.expired_key",
+    "keygate_shadow_refusals_total.decision.forbidden",
+    "keygate_shadow_refusals_total.decision.ip_denied",
+    "keygate_shadow_refusals_total.decision.rate_limited",
+    "keygate_shadow_refusals_total.decision.unavailable",
 ];
 
 const FETCHES: [&str; 4] = [
-    "keygate_fetch_ok",
-    "keygate_fetch_not_modified",
-    "keygate_fetch_failed",
-    "keygate_fetch_rejected",
+    "keygate_list_fetches_total.result.ok",
+    "keygate_list_fetches_total.result.not_modified",
+    "keygate_list_fetches_total.result.failed",
+    "keygate_list_fetches_total.result.rejected",
 ];
 
-/// Global mode: calls the Rate Limit Service answered, each way a call failed, and what the
-/// failure mode then did.
+/// Global mode: calls to the Rate Limit Service by result, then what `failure_mode` did after
+/// each failed one.
 const GLOBAL: [&str; 7] = [
-    "keygate_global_ok",
-    "keygate_global_timeout",
-    "keygate_global_unavailable",
-    "keygate_global_bad_reply",
-    "keygate_global_fallback_local",
-    "keygate_global_fallback_allow",
-    "keygate_global_fallback_deny",
+    "keygate_global_calls_total.result.ok",
+    "keygate_global_calls_total.result.timeout",
+    "keygate_global_calls_total.result.unavailable",
+    "keygate_global_calls_total.result.bad_reply",
+    "keygate_global_fallbacks_total.failure_mode.local",
+    "keygate_global_fallbacks_total.failure_mode.allow",
+    "keygate_global_fallbacks_total.failure_mode.deny",
 ];
 
 fn define(kind: MetricType, name: &str) -> Option<u32> {
     hostcalls::define_metric(kind, name).ok()
 }
 
+fn counters(names: &[&str]) -> Vec<Option<u32>> {
+    names
+        .iter()
+        .map(|n| define(MetricType::Counter, n))
+        .collect()
+}
+
+fn class_index(c: Class) -> usize {
+    Class::ALL.iter().position(|x| *x == c).unwrap_or(0)
+}
+
 impl Metrics {
     /// `vm`: this VM's ordinal, for the per-VM gauge; `global`: global mode's counters too.
     pub fn define(vm: u64, global: bool) -> Metrics {
         Metrics {
-            decisions: DECISIONS
-                .iter()
-                .map(|n| define(MetricType::Counter, n))
-                .collect(),
-            fetches: FETCHES
-                .iter()
-                .map(|n| define(MetricType::Counter, n))
-                .collect(),
+            decisions: counters(&DECISIONS),
+            shadow: counters(&SHADOW),
+            fetches: counters(&FETCHES),
             keys_loaded: define(MetricType::Gauge, "keygate_keys_loaded"),
             shared_entries: define(MetricType::Gauge, "keygate_shared_entries"),
             vm_memory: define(MetricType::Gauge, &format!("{VM_MEMORY}.vm{vm}")),
             global: if global {
-                GLOBAL
-                    .iter()
-                    .map(|n| define(MetricType::Counter, n))
-                    .collect()
+                counters(&GLOBAL)
             } else {
                 Vec::new()
             },
+            list_age: define(MetricType::Gauge, "keygate_list_age_seconds"),
         }
     }
 
@@ -93,15 +115,17 @@ impl Metrics {
         }
     }
 
+    /// One host call per request: a shadowed refusal is counted only as such.
     pub fn decision(&self, kind: Kind) {
-        let i = match kind {
-            Kind::Allowed => 0,
-            Kind::Exempt => 1,
-            Kind::FailOpen => 2,
-            Kind::Whoami => 3,
-            Kind::Refused(c) => 4 + Class::ALL.iter().position(|x| *x == c).unwrap_or(0),
+        let (set, i) = match kind {
+            Kind::Allowed => (&self.decisions, 0),
+            Kind::Exempt => (&self.decisions, 1),
+            Kind::FailOpen => (&self.decisions, 2),
+            Kind::Whoami => (&self.decisions, 3),
+            Kind::Refused(c) => (&self.decisions, 4 + class_index(c)),
+            Kind::Shadow(c) => (&self.shadow, class_index(c)),
         };
-        Self::bump(self.decisions.get(i).copied().flatten());
+        Self::bump(set.get(i).copied().flatten());
     }
 
     pub fn global(&self, r: GlobalResult) {
@@ -151,6 +175,13 @@ impl Metrics {
     fn set(id: Option<u32>, n: u64) {
         if let Some(id) = id {
             let _ = hostcalls::record_metric(id, n);
+        }
+    }
+
+    /// Seconds since the last successful fetch (200 or 304) of the list in force.
+    pub fn list_age(&self, seconds: u64) {
+        if let Some(id) = self.list_age {
+            let _ = hostcalls::record_metric(id, seconds);
         }
     }
 }

@@ -41,11 +41,16 @@ fn host_has_grpc_calls() -> bool {
 /// Also how long a worker may answer from its bucket cache after a new list was published.
 const TICK: Duration = Duration::from_millis(100);
 
+/// This build's version, logged on load.
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 #[derive(Default)]
 pub struct Root {
     shared: Option<Rc<Shared>>,
     loader: Loader,
     reporter: Option<Reporter>,
+    /// The last value this VM gave `keygate_list_age_seconds` (set when it changes).
+    list_age: Cell<Option<u64>>,
 }
 
 impl Root {
@@ -54,6 +59,21 @@ impl Root {
             let meta = publish::read_meta(&HostStore);
             s.list
                 .set(ListState::from_meta(meta.as_ref(), &s.source_id));
+        }
+    }
+
+    /// `keygate_list_age_seconds`: seconds since the list in force was last fetched (200 or
+    /// 304), set when it changes (about once a second per VM; every VM sees the same meta).
+    fn record_list_age(&self, now_s: u64) {
+        let Some(s) = &self.shared else { return };
+        let list = s.list.get();
+        if !list.loaded {
+            return;
+        }
+        let age = now_s.saturating_sub(list.fetched_at_s);
+        if self.list_age.get() != Some(age) {
+            self.list_age.set(Some(age));
+            s.metrics.list_age(age);
         }
     }
 
@@ -69,7 +89,7 @@ impl Root {
         if let Some(meta) = report.published {
             s.metrics.keys_loaded(meta.keys);
             log::info!(
-                "keygate: key list {} published: {} keys in {} buckets",
+                "keygate: key list {} published: {} keys in {} buckets (filter {VERSION})",
                 meta.version.as_deref().unwrap_or("(no version)"),
                 meta.keys,
                 1u64 << meta.bits
@@ -180,6 +200,11 @@ impl RootContext for Root {
             );
             return false;
         }
+        log::info!(
+            "keygate: filter {VERSION} configured (shadow: {}, access_log: {})",
+            shadow_text(&config.shadow),
+            config.access_log
+        );
         counters::ensure_counter_slots(&HostStore);
         self.loader
             .configure(&HostStore, &config.key_list, now_ns());
@@ -222,6 +247,7 @@ impl RootContext for Root {
         self.refresh_view();
         let kl = &s.config.key_list;
         let now = now_ms();
+        self.record_list_age(now / 1000);
         let (request, report) = self.loader.tick(&HostStore, now);
         self.carry_out(report);
         if let (Some(r), Some(sink)) = (&mut self.reporter, &s.config.usage) {
@@ -262,5 +288,24 @@ impl RootContext for Root {
 
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
+    }
+}
+
+/// The shadowed checks, for the log line on load.
+fn shadow_text(s: &config::Shadow) -> String {
+    let on: Vec<&str> = [
+        (s.keys, "keys"),
+        (s.ip, "ip"),
+        (s.scopes, "scopes"),
+        (s.rate_limits, "rate_limits"),
+    ]
+    .iter()
+    .filter(|(on, _)| *on)
+    .map(|(_, name)| *name)
+    .collect();
+    if on.is_empty() {
+        "off".to_string()
+    } else {
+        on.join(",")
     }
 }

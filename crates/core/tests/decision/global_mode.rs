@@ -421,3 +421,37 @@ fn global_a_document_window_the_protocol_cannot_express_is_rejected_naming_the_l
     );
     parse_with(ok.as_bytes(), rules).unwrap();
 }
+
+#[test]
+fn global_shadowed_rate_limits_take_the_services_counts_and_let_the_request_on() {
+    let cfg = merge_v(global_cfg("deny"), json!({"shadow": {"rate_limits": true}}));
+    let mut g = Gate::with_doc(cfg, doc_two_keys());
+    let mut rls = ModelRls::default();
+    let mut kinds = Vec::new();
+    for _ in 0..5 {
+        let (o, result) = g.run_global(
+            &get("/x").key(KEY),
+            NOW,
+            |c| Some(rls.answer(&c.descriptors(), NOW)),
+            GlobalAnswer::Unavailable,
+        );
+        assert_eq!(result, Some(GlobalResult::Answered));
+        assert!(o.reply.is_none(), "{o:?}");
+        assert_eq!(resp_hdr(&o, "retry-after"), None);
+        kinds.push(o.kind);
+    }
+    assert_eq!(&kinds[..3], &[Kind::Allowed; 3]);
+    assert_eq!(&kinds[3..], &[Kind::Shadow(Class::RateLimited); 2]);
+    // `deny` on a failed call is shadowed too: the request goes on, reported as unavailable.
+    let (o, result) = g.run_global(&get("/x").key(KEY), NOW, |_| None, GlobalAnswer::Timeout);
+    assert_eq!(
+        result,
+        Some(GlobalResult::Failed(
+            GlobalFailure::Timeout,
+            FailureMode::Deny
+        ))
+    );
+    assert_eq!(o.kind, Kind::Shadow(Class::Unavailable));
+    assert!(o.reply.is_none());
+    assert!(up1(&upstream(&get("/x").key(KEY), &o), "x-api-key-id").is_some());
+}

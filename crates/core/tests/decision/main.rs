@@ -11,6 +11,7 @@ mod fixtures;
 mod global_mode;
 mod rate_limit_headers;
 mod responses;
+mod shadow;
 mod step01_identity_headers;
 mod step02_client_ip;
 mod step03_exempt;
