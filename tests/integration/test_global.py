@@ -21,7 +21,7 @@ pytestmark = [
                        reason="redis-server is not installed (make deps installs it)"),
 ]
 
-from ratelimit_service import RateLimitService, RedisServer  # noqa: E402
+from ratelimit_service import RateLimitService, RedisServer, envoy_cluster  # noqa: E402
 
 DOMAIN = "keygate-test"
 TIMEOUT_MS = 2000
@@ -48,26 +48,6 @@ DOC = {"version": "global-1", "owners": {"org-1": {}, "org-g": {"rate_limits": [
        "keys": [key(k[3:], k, **extra) for k, extra in KEYS.items()]}
 
 
-def rls_cluster(port: int) -> dict:
-    """The service's cluster: gRPC needs HTTP/2 to the upstream."""
-    return {
-        "name": "rls",
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
-        "load_assignment": {
-            "cluster_name": "rls",
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
-                "address": "127.0.0.1", "port_value": port}}}}]}],
-        },
-    }
-
-
 def global_config(mode: str, **extra) -> dict:
     return plugin_config(rate_limit={"headers": "x-ratelimit", "global": {
         "cluster": "rls", "domain": DOMAIN, "timeout_ms": TIMEOUT_MS, "failure_mode": mode, **extra}})
@@ -83,7 +63,7 @@ class Fleet:
 
     def start(self, name: str, mode: str) -> harness.Envoy:
         env = harness.start_envoy(global_config(mode), self.ks.port, self.echo.port, concurrency=2,
-                                  extra_clusters=[rls_cluster(self.rls.port)])
+                                  extra_clusters=[envoy_cluster(self.rls.port)])
         self.envoys[name] = env
         wait_loaded(env)
         return env
@@ -299,5 +279,5 @@ def test_the_request_carries_one_descriptor_per_limit(fleet):
 def test_a_window_the_protocol_cannot_express_is_a_configuration_error():
     cfg = global_config("local")
     cfg["rate_limit"]["default"] = [lim(10, 60), lim(5, 7)]
-    log = harness.expect_envoy_config_failure(cfg, extra_clusters=[rls_cluster(harness.free_port())])
+    log = harness.expect_envoy_config_failure(cfg, extra_clusters=[envoy_cluster(harness.free_port())])
     assert "rate_limit.default[1].window_s" in log and "7 is not one of 1, 60, 3600, 86400" in log, log[-2000:]

@@ -19,6 +19,7 @@ The protos come from PyPI `envoy-data-plane` (the Envoy API as Python dataclasse
         rls.delay_s = 2.0   # answer late (timeouts)
         rls.garbage = True  # answer bytes that are no RateLimitResponse (bad replies)
         rls.calls           # requests answered so far
+        envoy_cluster(rls.port)   # an Envoy cluster (HTTP/2) that reaches it, named "rls"
 
 Standalone:  python3 tests/support/ratelimit_service.py --port 8081 --redis-port 6379
 """
@@ -49,7 +50,7 @@ with warnings.catch_warnings():
                                                              RateLimitResponseRateLimit,
                                                              RateLimitResponseRateLimitUnit)
 
-__all__ = ["RedisServer", "RateLimitService", "UNIT_SECONDS"]
+__all__ = ["RedisServer", "RateLimitService", "UNIT_SECONDS", "envoy_cluster"]
 
 SERVICE = "envoy.service.ratelimit.v3.RateLimitService"
 # type.v3.RateLimitUnit (the override's unit) and RateLimitResponse.RateLimit.Unit agree.
@@ -60,6 +61,26 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def envoy_cluster(port: int, name: str = "rls") -> dict:
+    """The Envoy cluster of a service on 127.0.0.1:port: gRPC needs HTTP/2 to the upstream."""
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                "address": "127.0.0.1", "port_value": port}}}}]}],
+        },
+    }
 
 
 class RedisServer:
