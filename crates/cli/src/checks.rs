@@ -180,7 +180,13 @@ pub fn check_config(a: &CheckConfigArgs) -> Result<(), Failure> {
         for (loc, e) in &errors {
             eprintln!("keygate: {}{}", label(loc), e.text());
         }
-        if errors.is_empty() {
+        if !ok && errors.is_empty() {
+            eprintln!(
+                "keygate: {file}: {} warning{} denied (--deny-warnings)",
+                warnings.len(),
+                if warnings.len() == 1 { "" } else { "s" }
+            );
+        } else if errors.is_empty() {
             if found.len() == 1 {
                 say("ok\n")?;
             } else {
@@ -532,6 +538,8 @@ pub struct Summary {
     pub disabled: usize,
     pub revoked: usize,
     pub deleted: usize,
+    /// Any other status (not active, as SPEC §2 says of an unknown status).
+    pub other_status: usize,
     /// Active, but `expires_at` has passed.
     pub expired: usize,
     /// Active, and `expires_at` within 7 days.
@@ -573,7 +581,8 @@ pub fn summarise(doc: &Json, now: i64, default_limits: Option<usize>) -> (Summar
             "active" => s.active += 1,
             "disabled" => s.disabled += 1,
             "revoked" => s.revoked += 1,
-            _ => s.deleted += 1,
+            "deleted" => s.deleted += 1,
+            _ => s.other_status += 1,
         }
         let active = k.get("status").and_then(Json::as_str).unwrap_or("active") == "active";
         let exp = expiry(k);
@@ -627,7 +636,8 @@ impl Summary {
     fn to_json(&self) -> serde_json::Value {
         json!({
             "keys": self.keys, "active": self.active, "disabled": self.disabled,
-            "revoked": self.revoked, "deleted": self.deleted, "expired": self.expired,
+            "revoked": self.revoked, "deleted": self.deleted, "other_status": self.other_status,
+            "expired": self.expired,
             "expiring_7d": self.expiring_7d, "owner_unusable": self.owner_unusable,
             "without_limits": self.without_limits,
         })
@@ -635,8 +645,14 @@ impl Summary {
 
     fn line(&self, exact_limits: bool) -> String {
         format!(
-            "summary: {} active, {} disabled, {} revoked, {} deleted; {} expired, {} expiring within 7 days, {} unusable because of their owner, {} without limits{}",
-            self.active, self.disabled, self.revoked, self.deleted, self.expired,
+            "summary: {} active, {} disabled, {} revoked, {} deleted{}; {} expired, {} expiring within 7 days, {} unusable because of their owner, {} without limits{}",
+            self.active, self.disabled, self.revoked, self.deleted,
+            if self.other_status > 0 {
+                format!(", {} with another status (not active)", self.other_status)
+            } else {
+                String::new()
+            },
+            self.expired,
             self.expiring_7d, self.owner_unusable, self.without_limits,
             if exact_limits { "" } else { " (of their own or their plan's; rate_limit.default may apply)" }
         )
@@ -696,6 +712,11 @@ pub fn check_keys(a: &CheckKeysArgs) -> Result<(), Failure> {
             eprintln!("keygate: {file}: {}", e.text());
         }
         match &parsed {
+            Ok(_) if !ok => eprintln!(
+                "keygate: {file}: {} warning{} denied (--deny-warnings)",
+                warnings.len(),
+                if warnings.len() == 1 { "" } else { "s" }
+            ),
             Ok(list) => say(&format!(
                 "ok: {} keys (version {})\n{}\n",
                 list.len(),

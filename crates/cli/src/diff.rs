@@ -59,6 +59,14 @@ fn value(v: Option<&Json>) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// A key's member `f`, with SPEC §2's default for an absent `status` (`active`).
+fn field(k: &Json, f: &str) -> Value {
+    match (f, value(k.get(f))) {
+        ("status", Value::Null) => Value::String("active".into()),
+        (_, v) => v,
+    }
+}
+
 fn show(v: &Value) -> String {
     match v {
         Value::Null => "none".into(),
@@ -115,7 +123,7 @@ pub fn run(a: &DiffArgs) -> Result<(), Failure> {
     let new = load(&a.new)?;
     let (ok, nk) = (keys(&old), keys(&new));
     let brief = |k: &Json| {
-        json!({"id": id(k), "owner": value(k.get("owner")), "status": value(k.get("status")),
+        json!({"id": id(k), "owner": value(k.get("owner")), "status": field(k, "status"),
                                   "expires_at": value(k.get("expires_at")), "plan": value(k.get("plan"))})
     };
     let added: Vec<Value> = nk
@@ -136,7 +144,7 @@ pub fn run(a: &DiffArgs) -> Result<(), Failure> {
         let changes: Vec<Value> = FIELDS
             .iter()
             .filter_map(|f| {
-                let (before, after) = (value(o.get(f)), value(n.get(f)));
+                let (before, after) = (field(o, f), field(n, f));
                 let same = if *f == "hash" {
                     before.as_str().map(str::to_ascii_lowercase)
                         == after.as_str().map(str::to_ascii_lowercase)

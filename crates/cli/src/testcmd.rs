@@ -27,28 +27,21 @@ fn at<'a>(v: &'a Value, k: &str) -> &'a Value {
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-/// Every value `--expect` takes: the SPEC §4 classes and the decisions that are not refusals.
-pub const CLASSES: &[&str] = &[
-    "allowed",
-    "exempt",
-    "whoami",
-    "fail_open",
-    "missing_key",
-    "invalid_key",
-    "expired_key",
-    "forbidden",
-    "ip_denied",
-    "rate_limited",
-    "unavailable",
-    "shadow",
-];
+/// Every value `--expect` takes: the decisions' names ([`Kind::NAMES`]: the SPEC §4 classes,
+/// the decisions that are not refusals and `shadow:<class>`), and `shadow` for any shadowed one.
+pub fn classes() -> Vec<&'static str> {
+    let mut all = Kind::NAMES.to_vec();
+    all.push("shadow");
+    all
+}
 /// Largest preset count `--count` accepts.
 const MAX_PRESET: u64 = 10_000_000;
 
 pub const AFTER_HELP: &str = "\
 The decision class is one of: allowed, exempt, whoami, fail_open (the request goes upstream),
-or a refusal: missing_key, invalid_key, expired_key, forbidden, ip_denied, rate_limited,
-unavailable. `rule` names what decided: the IP list entry (or that none matched), the exempt
+a refusal: missing_key, invalid_key, expired_key, forbidden, ip_denied, rate_limited,
+unavailable, or shadow:<refusal> when shadow mode let that refusal through (--expect shadow
+matches any of those). `rule` names what decided: the IP list entry (or that none matched), the exempt
 rule, the key list's state, the credential sources, the failed-attempt count, the key's status
 or expiry, its owner, its IP list, the site, the route and scope, the limits and their counts.
 --json prints {class, status, headers, body, rule, …}: status, headers and body of the local
@@ -102,27 +95,52 @@ pub struct TestArgs {
     pub at: Option<String>,
     /// Preset a counter before deciding (repeatable): WINDOW=N, the key's counter of that
     /// window (60, 60s, 1m, 1h, 1d) already holds N requests in the current window; N alone,
-    /// every counter of the key; failures=N, failed attempts from the client IP
-    /// (invalid_key_limit).
+    /// every counter of the key; owner:WINDOW=N and owner:N, the same for the key's owner
+    /// (its rate_limits, shared by all of its keys); failures=N, failed attempts from the
+    /// client IP (invalid_key_limit).
     #[arg(long = "count", value_name = "SPEC")]
     pub counts: Vec<String>,
     /// Seconds since the key list was last fetched (for key_list.max_stale_s).
     #[arg(long, value_name = "SECONDS", default_value_t = 0)]
     pub list_age: u64,
     /// Exit 1 unless the decision is this class.
-    #[arg(long, value_name = "CLASS", value_parser = PossibleValuesParser::new(CLASSES))]
+    #[arg(long, value_name = "CLASS", value_parser = PossibleValuesParser::new(classes()))]
     pub expect: Option<String>,
     #[command(flatten)]
     pub output: Output,
 }
 
-/// A `--count` preset.
-#[derive(Debug, Default)]
-struct Presets {
+/// `--count` presets of one counter set (the key's, or its owner's).
+#[derive(Debug, Default, Clone)]
+struct Preset {
     /// Window (seconds) → count.
     windows: BTreeMap<u64, u64>,
-    /// Every window of the key.
+    /// Every window of the set.
     all: Option<u64>,
+}
+
+impl Preset {
+    fn is_empty(&self) -> bool {
+        self.all.is_none() && self.windows.is_empty()
+    }
+
+    /// Window (seconds) → count to preset, given the windows of the limits in force.
+    fn targets(&self, limits: &[Limit]) -> BTreeMap<u64, u64> {
+        let mut targets = self.windows.clone();
+        if let Some(n) = self.all {
+            for l in limits {
+                targets.entry(l.window_s).or_insert(n);
+            }
+        }
+        targets
+    }
+}
+
+/// Every `--count` preset.
+#[derive(Debug, Default)]
+struct Presets {
+    key: Preset,
+    owner: Preset,
     failures: Option<u64>,
 }
 
@@ -131,7 +149,7 @@ fn parse_counts(specs: &[String]) -> Result<Presets, Failure> {
     for s in specs {
         let bad = || {
             Failure::Usage(format!(
-                "--count: {s:?} is not WINDOW=N (e.g. 60s=59, 1h=999), N or failures=N (N at most {MAX_PRESET})"
+                "--count: {s:?} is not WINDOW=N (e.g. 60s=59, 1h=999), N, owner:WINDOW=N, owner:N or failures=N (N at most {MAX_PRESET})"
             ))
         };
         let n = |v: &str| {
@@ -141,12 +159,21 @@ fn parse_counts(specs: &[String]) -> Result<Presets, Failure> {
                 .filter(|n| *n <= MAX_PRESET)
                 .ok_or_else(bad)
         };
-        match s.split_once('=') {
-            None => p.all = Some(n(s)?),
-            Some(("failures", v)) => p.failures = Some(n(v)?),
-            Some((w, v)) => {
-                let w = parse_duration_s(w).filter(|w| *w > 0).ok_or_else(bad)?;
-                p.windows.insert(w as u64, n(v)?);
+        let (owner, spec) = match s.strip_prefix("owner:") {
+            Some(rest) => (true, rest),
+            None => (false, s.as_str()),
+        };
+        match spec.split_once('=') {
+            Some(("failures", v)) if !owner => p.failures = Some(n(v)?),
+            split => {
+                let set = if owner { &mut p.owner } else { &mut p.key };
+                match split {
+                    None => set.all = Some(n(spec)?),
+                    Some((w, v)) => {
+                        let w = parse_duration_s(w).filter(|w| *w > 0).ok_or_else(bad)?;
+                        set.windows.insert(w as u64, n(v)?);
+                    }
+                }
             }
         }
     }
@@ -258,6 +285,8 @@ struct KeyView {
     scopes: Vec<String>,
     /// The key's own or plan limits (`None`: the configured default).
     limits: Option<Vec<Limit>>,
+    /// Its owner's `rate_limits` (SPEC §2), counted across all of the owner's keys.
+    owner_limits: Vec<Limit>,
     /// As written in the key list.
     raw: Option<Json>,
 }
@@ -287,6 +316,7 @@ fn key_view(store: &MemoryStore, hash: &[u8; 32], doc: Option<&Json>) -> Option<
         sites: r.sites().map(str::to_string).collect(),
         scopes: r.scopes().map(str::to_string).collect(),
         limits: r.limits(),
+        owner_limits: r.owner_limits().unwrap_or_default(),
         raw,
     })
 }
@@ -317,10 +347,10 @@ fn effective_limits(cfg: &Config, k: &KeyView) -> (Vec<Limit>, String) {
     }
 }
 
-/// Presets the key's counters: window `w` ends up holding `target(w)` requests. Counting a
-/// request writes only the windows it is given, so the windows are counted from the largest
-/// target down, each phase including every window counted so far.
-fn preset_key(store: &MemoryStore, id: &str, targets: &BTreeMap<u64, u64>, now: u64) {
+/// Presets a set of counters (`count`: the key's or the owner's): window `w` ends up holding
+/// `target(w)` requests. Counting a request writes only the windows it is given, so the windows
+/// are counted from the largest target down, each phase including every window counted so far.
+fn preset(targets: &BTreeMap<u64, u64>, count: impl Fn(&[Limit])) {
     let mut order: Vec<(u64, u64)> = targets.iter().map(|(w, n)| (*w, *n)).collect();
     order.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
     let mut limits: Vec<Limit> = Vec::new();
@@ -331,38 +361,47 @@ fn preset_key(store: &MemoryStore, id: &str, targets: &BTreeMap<u64, u64>, now: 
         });
         let next = order.get(i + 1).map_or(0, |(_, n)| *n);
         for _ in next..*n {
-            counters::count_key(store, id, &limits, now);
+            count(&limits);
         }
     }
 }
 
-fn limits_json(store: &MemoryStore, id: &str, limits: &[Limit], now: u64) -> Vec<Value> {
-    if limits.is_empty() {
-        return Vec::new();
-    }
+/// The key's limits and, after them, its owner's, with their counts as the decision left them
+/// (each entry: limit, window_s, count, remaining, reset, exceeded, and `of`: "key" or "owner").
+fn limits_json(store: &MemoryStore, k: &KeyView, limits: &[Limit], now: u64) -> Vec<Value> {
     // Counting once more reads the stored counts (this store is thrown away afterwards).
-    let Some(counted) = counters::count_key(store, id, limits, now) else {
-        return Vec::new();
-    };
-    counted
-        .states
-        .iter()
-        .map(|s| {
-            let count = s.count.saturating_sub(1);
-            json!({
-                "limit": s.limit, "window_s": s.window_s, "count": count,
-                "remaining": s.limit.saturating_sub(count), "reset": s.reset,
-                "exceeded": count > s.limit,
+    let key = (!limits.is_empty())
+        .then(|| counters::count_key(store, &k.id, limits, now))
+        .flatten();
+    let owner = (!k.owner_limits.is_empty())
+        .then(|| counters::count_owner(store, &k.owner, &k.owner_limits, now))
+        .flatten();
+    let of = |c: Option<keygate_core::ratelimit::Counted>, name: &'static str| {
+        c.map(|c| c.states)
+            .unwrap_or_default()
+            .into_iter()
+            .map(move |s| {
+                let count = s.count.saturating_sub(1);
+                json!({
+                    "of": name, "limit": s.limit, "window_s": s.window_s, "count": count,
+                    "remaining": s.limit.saturating_sub(count), "reset": s.reset,
+                    "exceeded": count > s.limit,
+                })
             })
-        })
-        .collect()
+    };
+    of(key, "key").chain(of(owner, "owner")).collect()
 }
 
 fn limits_text(v: &[Value]) -> String {
     v.iter()
         .map(|l| {
             format!(
-                "{}/{}s counted {}{}",
+                "{}{}/{}s counted {}{}",
+                if at(l, "of") == &json!("owner") {
+                    "owner "
+                } else {
+                    ""
+                },
                 at(l, "limit"),
                 at(l, "window_s"),
                 at(l, "count"),
@@ -546,12 +585,22 @@ impl Scene<'_> {
                     return json!({"check": "unknown", "text": "the key could not be read back"});
                 };
                 let (limits, from) = effective_limits(self.cfg, k);
-                let counted = limits_json(self.store, &k.id, &limits, self.now);
+                let counted = limits_json(self.store, k, &limits, self.now);
                 let route = self.route(&norm, method);
                 match o.kind {
-                    Kind::Refused(_) => json!({"step": 12, "check": "rate_limits", "key_id": k.id,
-                        "limits_from": from, "limits": counted,
-                        "text": format!("key {:?} is over a limit ({from}): {}", k.id, limits_text(&counted))}),
+                    Kind::Refused(_) => {
+                        let owners = counted.iter().any(|l| {
+                            at(l, "of") == &json!("owner") && at(l, "exceeded") == &json!(true)
+                        });
+                        let whose = if owners {
+                            format!("its owner {:?} is over a limit (the owner's rate_limits)", k.owner)
+                        } else {
+                            format!("it is over a limit ({from})")
+                        };
+                        json!({"step": 12, "check": "rate_limits", "key_id": k.id, "owner": k.owner,
+                            "limits_from": from, "limits": counted,
+                            "text": format!("key {:?}: {whose}: {}", k.id, limits_text(&counted))})
+                    }
                     Kind::Whoami => {
                         json!({"step": 13, "check": "whoami", "key_id": k.id, "owner": k.owner,
                         "path": self.cfg.whoami.as_ref().map(|w| w.path.clone()),
@@ -752,14 +801,7 @@ impl Scene<'_> {
 }
 
 fn class_name(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Allowed => "allowed",
-        Kind::Exempt => "exempt",
-        Kind::FailOpen => "fail_open",
-        Kind::Whoami => "whoami",
-        Kind::Refused(c) => c.name(),
-        Kind::Shadow(_) => "shadow",
-    }
+    kind.name()
 }
 
 pub fn run(a: &TestArgs) -> Result<(), Failure> {
@@ -841,18 +883,19 @@ pub fn run(a: &TestArgs) -> Result<(), Failure> {
             None => eprintln!("keygate test: note: --count failures={n} ignored: no invalid_key_limit is configured"),
         }
     }
-    if presets.all.is_some() || !presets.windows.is_empty() {
+    if !presets.key.is_empty() || !presets.owner.is_empty() {
         match &key {
             Some(k) => {
-                let mut targets = presets.windows.clone();
-                if let Some(n) = presets.all {
-                    for l in effective_limits(&cfg, k).0 {
-                        targets.entry(l.window_s).or_insert(n);
-                    }
-                }
-                preset_key(&store, &k.id, &targets, now);
+                let targets = presets.key.targets(&effective_limits(&cfg, k).0);
+                preset(&targets, |l| {
+                    counters::count_key(&store, &k.id, l, now);
+                });
+                let targets = presets.owner.targets(&k.owner_limits);
+                preset(&targets, |l| {
+                    counters::count_owner(&store, &k.owner, l, now);
+                });
             }
-            None => eprintln!("keygate test: note: the key's --count presets are ignored: the request has no key of the list"),
+            None => eprintln!("keygate test: note: the --count presets of the key and its owner are ignored: the request has no key of the list"),
         }
     }
 
@@ -949,7 +992,8 @@ pub fn run(a: &TestArgs) -> Result<(), Failure> {
         say(&out)?;
     }
     if let Some(want) = &a.expect {
-        if want != class {
+        let shadowed = want == "shadow" && matches!(outcome.kind, Kind::Shadow(_));
+        if want != class && !shadowed {
             eprintln!("keygate test: expected {want}, the decision is {class}");
             return Err(Failure::Reported);
         }
@@ -968,13 +1012,25 @@ mod tests {
             "1h=999".into(),
             "60=5".into(),
             "failures=3".into(),
+            "owner:1m=7".into(),
+            "owner:2".into(),
         ])
         .unwrap();
-        assert_eq!(p.all, Some(59));
-        assert_eq!(p.windows.get(&3600), Some(&999));
-        assert_eq!(p.windows.get(&60), Some(&5));
+        assert_eq!(p.key.all, Some(59));
+        assert_eq!(p.key.windows.get(&3600), Some(&999));
+        assert_eq!(p.key.windows.get(&60), Some(&5));
         assert_eq!(p.failures, Some(3));
-        for bad in ["x", "0s=1", "1h=", "1h=-1", "99999999999"] {
+        assert_eq!(p.owner.windows.get(&60), Some(&7));
+        assert_eq!(p.owner.all, Some(2));
+        for bad in [
+            "x",
+            "0s=1",
+            "1h=",
+            "1h=-1",
+            "99999999999",
+            "owner:failures=1",
+            "owner:",
+        ] {
             assert!(parse_counts(&[bad.into()]).is_err(), "{bad}");
         }
     }
@@ -996,7 +1052,9 @@ mod tests {
     fn presets_reach_every_target() {
         let store = MemoryStore::default();
         let targets: BTreeMap<u64, u64> = [(60, 5), (3600, 9), (86_400, 2)].into_iter().collect();
-        preset_key(&store, "k", &targets, 1_000_000);
+        preset(&targets, |l| {
+            counters::count_key(&store, "k", l, 1_000_000);
+        });
         let limits: Vec<Limit> = [60, 3600, 86_400]
             .iter()
             .map(|w| Limit {

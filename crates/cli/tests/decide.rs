@@ -388,7 +388,7 @@ fn rate_limited_names_the_limit_and_its_count() {
     assert_eq!(d["rule"]["check"], "rate_limits");
     assert_eq!(
         d["rule"]["limits"][0],
-        json!({"limit": 2, "window_s": 60, "count": 3,
+        json!({"of": "key", "limit": 2, "window_s": 60, "count": 3,
         "remaining": 0, "reset": 1_800_057_660u64, "exceeded": true})
     );
     assert_eq!(d["rule"]["limits"][1]["count"], 1);
@@ -422,6 +422,71 @@ fn rate_limited_names_the_limit_and_its_count() {
         "failures=2",
     ]);
     assert_eq!(d["class"], "invalid_key");
+}
+
+#[test]
+fn owner_limits_are_counted_preset_and_named() {
+    let mut list = keys();
+    list["owners"]["org-1"] = json!({"rate_limits": [{"limit": 3, "window_s": 60}]});
+    let key = "ak_live_0006";
+    list["keys"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"id": "key_6", "hash": sha(key), "owner": "org-1"}));
+    let c = Case::new(config(), list);
+    // key_6 has no limits of its own (nor a default): only its owner's hold it.
+    let k = format!("x-api-key: {key}");
+    let d = c.decide(&["--path", "/x", "-H", &k, "--count", "owner:1m=2"]);
+    assert_eq!(d["class"], "allowed", "{d}");
+    let owner = d["rule"]["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["of"] == "owner")
+        .cloned()
+        .unwrap();
+    assert_eq!((owner["limit"].as_u64(), owner["count"].as_u64()), (Some(3), Some(3)));
+    let remaining = d["response_headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h[0].as_str().unwrap().ends_with("remaining"))
+        .map(|h| h[1].clone());
+    assert_eq!(remaining, Some(json!("0")), "{d}");
+    // One more counted against the owner (by any of its keys): refused, and the rule says whose.
+    let d = c.decide(&["--path", "/x", "-H", &k, "--count", "owner:3"]);
+    assert_eq!(d["class"], "rate_limited", "{d}");
+    assert_eq!(d["rule"]["owner"], "org-1");
+    let text = d["rule"]["text"].as_str().unwrap();
+    assert!(text.contains("its owner \"org-1\" is over a limit"), "{text}");
+    assert!(text.contains("owner 3/60s counted 4 (exceeded)"), "{text}");
+    // The key's own presets leave the owner's counter alone.
+    let d = c.decide(&["--path", "/x", "-H", &k, "--count", "1m=2"]);
+    assert_eq!(d["class"], "allowed", "{d}");
+}
+
+#[test]
+fn shadowed_refusals_are_named_shadow_class() {
+    let mut cfg = config();
+    cfg["shadow"] = json!({"rate_limits": true});
+    let c = Case::new(cfg, keys());
+    let k = format!("x-api-key: {KEY}");
+    let d = c.decide(&["--path", "/x", "-H", &k, "--count", "1m=2"]);
+    assert_eq!(d["class"], "shadow:rate_limited", "{d}");
+    assert_eq!(d["shadow"], "rate_limited");
+    // It goes upstream like an allowed request: no status of keygate's own.
+    assert_eq!(d["status"], Value::Null);
+    for (want, code) in [
+        ("shadow:rate_limited", 0),
+        ("shadow", 0),
+        ("rate_limited", 1),
+        ("shadow:forbidden", 1),
+    ] {
+        let out = c.run(&["--path", "/x", "-H", &k, "--count", "1m=2", "--expect", want]);
+        assert_eq!(out.status.code(), Some(code), "--expect {want}");
+    }
+    let out = c.run(&["--path", "/x", "-H", &k, "--expect", "shadow"]);
+    assert_eq!(out.status.code(), Some(1), "allowed is not shadow");
 }
 
 #[test]

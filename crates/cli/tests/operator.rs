@@ -383,7 +383,7 @@ fn diff_lists_added_removed_and_changed_keys() {
     assert!(
         text.contains("+ d ")
             && text.contains("- a ")
-            && text.contains("~ b: status none -> revoked"),
+            && text.contains("~ b: status active -> revoked"),
         "{text}"
     );
     assert!(text.ends_with("1 added, 1 removed, 1 changed\n"), "{text}");

@@ -60,6 +60,51 @@ pub enum Kind {
     Shadow(Class),
 }
 
+impl Kind {
+    /// Every decision's name, as the access log, `keygate test` and the docs write it:
+    /// `allowed`, `exempt`, `fail_open`, `whoami`, a SPEC §4 class, or `shadow:<class>`.
+    pub const NAMES: [&'static str; 18] = [
+        "allowed",
+        "exempt",
+        "fail_open",
+        "whoami",
+        "missing_key",
+        "invalid_key",
+        "expired_key",
+        "forbidden",
+        "ip_denied",
+        "rate_limited",
+        "unavailable",
+        "shadow:missing_key",
+        "shadow:invalid_key",
+        "shadow:expired_key",
+        "shadow:forbidden",
+        "shadow:ip_denied",
+        "shadow:rate_limited",
+        "shadow:unavailable",
+    ];
+
+    /// This decision's name (one of [`Kind::NAMES`]).
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Allowed => "allowed",
+            Kind::Exempt => "exempt",
+            Kind::FailOpen => "fail_open",
+            Kind::Whoami => "whoami",
+            Kind::Refused(c) => c.name(),
+            Kind::Shadow(c) => match c {
+                Class::MissingKey => "shadow:missing_key",
+                Class::InvalidKey => "shadow:invalid_key",
+                Class::ExpiredKey => "shadow:expired_key",
+                Class::Forbidden => "shadow:forbidden",
+                Class::IpDenied => "shadow:ip_denied",
+                Class::RateLimited => "shadow:rate_limited",
+                Class::Unavailable => "shadow:unavailable",
+            },
+        }
+    }
+}
+
 /// A response keygate sends itself instead of going upstream.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reply {

@@ -246,30 +246,10 @@ impl Http {
 /// "envoy_route"`'s identity, which the route sends upstream, and a refused or shadowed key's
 /// id must never become one.
 fn record_decision(o: &Outcome) {
-    let class = match o.kind {
-        Kind::Allowed => "allowed",
-        Kind::Exempt => "exempt",
-        Kind::FailOpen => "fail_open",
-        Kind::Whoami => "whoami",
-        Kind::Refused(c) => c.name(),
-        Kind::Shadow(c) => shadow_name(c),
-    };
+    let class = o.kind.name();
     let _ = hostcalls::set_property(vec!["keygate_decision"], Some(class.as_bytes()));
     if let Some(id) = &o.key_id {
         let _ = hostcalls::set_property(vec!["keygate_decision_key_id"], Some(id.as_bytes()));
-    }
-}
-
-/// `shadow:<class>`, as the access log shows a shadowed refusal.
-fn shadow_name(c: Class) -> &'static str {
-    match c {
-        Class::MissingKey => "shadow:missing_key",
-        Class::InvalidKey => "shadow:invalid_key",
-        Class::ExpiredKey => "shadow:expired_key",
-        Class::Forbidden => "shadow:forbidden",
-        Class::IpDenied => "shadow:ip_denied",
-        Class::RateLimited => "shadow:rate_limited",
-        Class::Unavailable => "shadow:unavailable",
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 #[derive(Args, Debug, Clone)]
 pub struct ClientArgs {
     /// Base URL of the key service.
-    #[arg(long, env = "KEYGATE_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(long, env = "KEYGATE_URL", default_value = "http://127.0.0.1:8081")]
     pub url: String,
     /// Admin bearer token.
     #[arg(long, env = "KEYGATE_ADMIN_TOKEN", hide_env_values = true)]

@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
     /// Address to listen on, HOST:PORT (port 0: any free port).
-    #[arg(long, env = "KEYGATE_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "KEYGATE_LISTEN", default_value = "127.0.0.1:8081")]
     pub listen: String,
     /// Database: `sqlite:PATH` (created and migrated when needed) or `postgres://USER@HOST:PORT/DB`.
     #[arg(long, env = "KEYGATE_DATABASE", default_value = "sqlite:keygate.db")]
