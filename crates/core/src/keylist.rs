@@ -114,12 +114,16 @@ pub fn parse_hash(s: &str) -> Option<[u8; 32]> {
     if b.len() != 64 {
         return None;
     }
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    };
     let mut out = [0u8; 32];
     for (byte, pair) in out.iter_mut().zip(b.chunks_exact(2)) {
         let [hi, lo] = pair else { return None };
-        let hi = (*hi as char).to_digit(16)?;
-        let lo = (*lo as char).to_digit(16)?;
-        *byte = (hi * 16 + lo) as u8;
+        *byte = digit(*hi)? << 4 | digit(*lo)?;
     }
     Some(out)
 }

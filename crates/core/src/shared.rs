@@ -83,7 +83,7 @@ pub mod key {
         format!("keygate:b:{bits}:{index}")
     }
 
-    /// `c0,c1,…,c15`: the most chunks each staging stream ever spilled (so `stage` entries
+    /// `c0,c1,…,c31`: the most chunks each staging stream ever spilled (so `stage` entries
     /// `(s, 0..c_s)` exist), for the count of entries.
     pub const STAGE_COUNTS: &str = "keygate:stage";
 

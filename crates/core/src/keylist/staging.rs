@@ -1,7 +1,7 @@
 //! Where a list's records wait between the parse and the publish.
 //!
-//! Records go to one of [`PARTS`] streams by the top 4 bits of their hash, so that every bucket
-//! of any layout (at least 2^4 buckets) lies inside one stream. Given a store to spill to
+//! Records go to one of [`PARTS`] streams by the top 5 bits of their hash, so that the list's
+//! hash order visits the streams one after another. Given a store to spill to
 //! ([`Spill`]), a stream hands its bytes to shared data every `chunk` bytes (one entry per
 //! chunk, [`key::stage`]) and keeps only the tail in the VM; the publish then takes the streams
 //! back one at a time and empties their entries. So the fetching VM holds one chunk per stream
@@ -9,7 +9,7 @@
 //! whatever a VM once held stays resident for good. Without a store (the CLI, tests), everything
 //! stays in memory.
 //!
-//! A record is found by its location: `stream << 28 | offset in the stream`.
+//! A record is found by its location: `stream << 27 | offset in the stream`.
 
 use crate::ratelimit::fnv1a;
 use crate::record;
@@ -17,11 +17,12 @@ use crate::shared::{key, overwrite, update, SharedStore, Step};
 use std::borrow::Cow;
 use std::cell::RefCell;
 
-/// Streams; a record's is the top 4 bits of its hash.
-pub const PARTS: usize = 16;
-/// The default size of a spilled chunk, in bytes.
-pub const CHUNK_BYTES: usize = 256 << 10;
-const OFFSET_BITS: u32 = 28;
+/// Streams; a record's is the top 5 bits of its hash.
+pub const PARTS: usize = 32;
+/// The default size of a spilled chunk, in bytes: the VM holds up to `PARTS` of them while it
+/// parses, and one stream (1/`PARTS` of the records) while it publishes.
+pub const CHUNK_BYTES: usize = 64 << 10;
+const OFFSET_BITS: u32 = 27;
 const OFFSET_MASK: u32 = (1 << OFFSET_BITS) - 1;
 /// A staged entry starts with the nonce of the parse that wrote it.
 const NONCE: usize = 8;
@@ -64,7 +65,7 @@ pub fn offset_of(loc: u32) -> usize {
 
 /// The stream of a hash's first byte.
 pub fn stream_of(first: u8) -> usize {
-    (first >> 4) as usize
+    (first >> 3) as usize
 }
 
 impl Records {
@@ -88,7 +89,7 @@ impl Records {
     }
 
     /// Appends a record (with its length) to stream `s`: its location, or None when the stream
-    /// is over 256 MiB.
+    /// is over 128 MiB.
     pub fn push(&mut self, spill: Option<&Spill<'_>>, s: usize, rec: &[u8]) -> Option<u32> {
         let refused = self.refused;
         let stream = self.streams.get_mut(s)?;
