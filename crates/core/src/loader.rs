@@ -124,6 +124,8 @@ pub struct Loader {
     publisher: Publisher,
     /// Publish a parsed list on the next [`Loader::publish_pending`] instead of at once.
     defer: bool,
+    /// Stage the records of a parse in shared data (`keylist::staging`).
+    spill: bool,
     /// A parsed list waiting for [`Loader::publish_pending`], with its ETag.
     pending: Option<(KeyList, Option<String>)>,
     /// What the configuration demands of a document beyond SPEC §2 (global mode's windows).
@@ -164,6 +166,14 @@ impl Loader {
     /// allocator for good.
     pub fn set_deferred_publish(&mut self, defer: bool) {
         self.defer = defer;
+    }
+
+    /// Stage each parse's records in shared data until they are published (`keylist::staging`),
+    /// so the VM never holds them all. Only where shared data is not a fixed-size zone that
+    /// must fit the list twice while a list replaces another (Envoy; not ngx_wasm_module's
+    /// `shm_kv`, where a full zone traps the writer).
+    pub fn set_staging(&mut self, spill: bool) {
+        self.spill = spill;
     }
 
     /// Whether a parsed list waits for [`Loader::publish_pending`].
@@ -350,7 +360,8 @@ impl Loader {
                     nonce: staging::nonce(self.token, now_ms),
                     chunk: staging::CHUNK_BYTES,
                 };
-                match keylist::read_spilling(body, body_size, self.rules, Some(spill)) {
+                let spill = self.spill.then_some(spill);
+                match keylist::read_spilling(body, body_size, self.rules, spill) {
                     Err(e) => {
                         Report::ended(Fetch::Rejected, Some(format!("document rejected: {e}")))
                     }

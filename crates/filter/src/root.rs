@@ -190,6 +190,9 @@ impl RootContext for Root {
         self.loader
             .configure(&HostStore, &config.key_list, now_ns());
         self.loader.set_deferred_publish(true);
+        // Envoy's shared data grows as needed; ngx_wasm_module's zone is fixed and traps when
+        // full, so there the records are not staged in it (see `Loader::set_staging`).
+        self.loader.set_staging(host_has_grpc_calls());
         self.loader.set_rules(keylist::Rules {
             unit_windows: config.global.is_some(),
         });
