@@ -593,7 +593,10 @@ impl Scene<'_> {
                             at(l, "of") == &json!("owner") && at(l, "exceeded") == &json!(true)
                         });
                         let whose = if owners {
-                            format!("its owner {:?} is over a limit (the owner's rate_limits)", k.owner)
+                            format!(
+                                "its owner {:?} is over a limit (the owner's rate_limits)",
+                                k.owner
+                            )
                         } else {
                             format!("it is over a limit ({from})")
                         };
@@ -829,12 +832,12 @@ pub fn run(a: &TestArgs) -> Result<(), Failure> {
     let mut doc: Option<Json> = None;
     if let Some(keys) = &a.keys {
         let data = read_input(keys)?;
-        let list = keygate_core::keylist::parse(&data)
+        let mut list = keygate_core::keylist::parse(&data)
             .map_err(|e| Failure::Invalid(format!("{keys}: {e}")))?;
         doc = serde_json::from_slice(&data).ok();
         Publisher::default().publish(
             &store,
-            &list,
+            &mut list,
             None,
             &source_id,
             now.saturating_sub(a.list_age),

@@ -445,7 +445,10 @@ fn owner_limits_are_counted_preset_and_named() {
         .find(|l| l["of"] == "owner")
         .cloned()
         .unwrap();
-    assert_eq!((owner["limit"].as_u64(), owner["count"].as_u64()), (Some(3), Some(3)));
+    assert_eq!(
+        (owner["limit"].as_u64(), owner["count"].as_u64()),
+        (Some(3), Some(3))
+    );
     let remaining = d["response_headers"]
         .as_array()
         .unwrap()
@@ -458,7 +461,10 @@ fn owner_limits_are_counted_preset_and_named() {
     assert_eq!(d["class"], "rate_limited", "{d}");
     assert_eq!(d["rule"]["owner"], "org-1");
     let text = d["rule"]["text"].as_str().unwrap();
-    assert!(text.contains("its owner \"org-1\" is over a limit"), "{text}");
+    assert!(
+        text.contains("its owner \"org-1\" is over a limit"),
+        "{text}"
+    );
     assert!(text.contains("owner 3/60s counted 4 (exceeded)"), "{text}");
     // The key's own presets leave the owner's counter alone.
     let d = c.decide(&["--path", "/x", "-H", &k, "--count", "1m=2"]);
@@ -482,7 +488,9 @@ fn shadowed_refusals_are_named_shadow_class() {
         ("rate_limited", 1),
         ("shadow:forbidden", 1),
     ] {
-        let out = c.run(&["--path", "/x", "-H", &k, "--count", "1m=2", "--expect", want]);
+        let out = c.run(&[
+            "--path", "/x", "-H", &k, "--count", "1m=2", "--expect", want,
+        ]);
         assert_eq!(out.status.code(), Some(code), "--expect {want}");
     }
     let out = c.run(&["--path", "/x", "-H", &k, "--expect", "shadow"]);

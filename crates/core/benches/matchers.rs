@@ -21,9 +21,11 @@ use sha2::{Digest, Sha256};
 use std::net::IpAddr;
 
 fn per_request(c: &mut Criterion) {
-    let list = keylist::parse(common::key_list_json(1000).as_bytes()).unwrap();
+    let mut list = keylist::parse(common::key_list_json(1000).as_bytes()).unwrap();
     let store = MemoryStore::default();
-    let meta = Publisher::default().publish(&store, &list, None, "s", 1);
+    let meta = Publisher::default()
+        .publish(&store, &mut list, None, "s", 1)
+        .expect("published");
     let probe: [u8; 32] = Sha256::digest(common::key(500).as_bytes()).into();
     let bucket = store
         .get(&shared::key::bucket(
@@ -102,7 +104,7 @@ fn per_request(c: &mut Criterion) {
     counters::ensure_counter_slots(&store);
     Publisher::default().publish(
         &store,
-        &list,
+        &mut list,
         None,
         &cfg.key_list.source_id(),
         1_800_000_000,
@@ -141,9 +143,9 @@ fn load_time(c: &mut Criterion) {
     g.bench_function("parse 10k keys", |b| {
         b.iter(|| keylist::parse(black_box(doc.as_bytes())).unwrap())
     });
-    let list = keylist::parse(doc.as_bytes()).unwrap();
+    let mut list = keylist::parse(doc.as_bytes()).unwrap();
     g.bench_function("publish 10k keys (in-memory store)", |b| {
-        b.iter(|| Publisher::default().publish(&MemoryStore::default(), &list, None, "s", 1))
+        b.iter(|| Publisher::default().publish(&MemoryStore::default(), &mut list, None, "s", 1))
     });
     g.finish();
 }

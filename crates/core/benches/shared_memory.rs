@@ -29,11 +29,11 @@ fn main() {
              "invalid_key_limit":{"limit":20,"window_s":60}}"#,
     )
     .expect("bench config");
-    let list = keylist::parse(common::key_list_json(KEYS).as_bytes()).expect("bench key list");
+    let mut list = keylist::parse(common::key_list_json(KEYS).as_bytes()).expect("bench key list");
     let store = MemoryStore::default();
     counters::ensure_counter_slots(&store);
     let t0 = 1_800_000_000u64;
-    Publisher::default().publish(&store, &list, None, &cfg.key_list.source_id(), t0);
+    Publisher::default().publish(&store, &mut list, None, &cfg.key_list.source_id(), t0);
     let (entries0, bytes0) = (store.len(), store.bytes());
     let mut state = ListState::from_meta(
         publish::read_meta(&store).as_ref(),

@@ -970,7 +970,7 @@ mod tests {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        let list = crate::keylist::parse(
+        let mut list = crate::keylist::parse(
             format!(r#"{{"keys":[{{"id":"k1","hash":"{hash}","owner":"550e\"8400"}}]}}"#)
                 .as_bytes(),
         )
@@ -978,7 +978,7 @@ mod tests {
         let store = crate::shared::MemoryStore::default();
         crate::publish::Publisher::default().publish(
             &store,
-            &list,
+            &mut list,
             None,
             &cfg.key_list.source_id(),
             100,
@@ -1058,12 +1058,12 @@ mod tests {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        let revoked = crate::keylist::parse(
+        let mut revoked = crate::keylist::parse(
             format!(r#"{{"keys":[{{"id":"k1","hash":"{hash}","owner":"o","status":"revoked"}}]}}"#)
                 .as_bytes(),
         )
         .unwrap();
-        crate::publish::Publisher::default().publish(&store, &revoked, None, &source, 101);
+        crate::publish::Publisher::default().publish(&store, &mut revoked, None, &source, 101);
         // Until this worker's view moves to the new generation, its copy answers.
         assert_eq!(run(&mut list, &mut cache), Kind::Allowed);
         let mut fresh = ListState::from_meta(publish::read_meta(&store).as_ref(), &source);

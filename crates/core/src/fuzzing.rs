@@ -286,10 +286,10 @@ impl Gate {
               {{"id":"limited","hash":"{limited}","owner":"o","rate_limits":[{{"limit":2,"window_s":3600}}]}},
               {{"id":"ipbound","hash":"{ipbound}","owner":"o","allowed_ips":["127.0.0.0/8","::1"]}}]}}"#
         );
-        let list = keylist::parse(doc.as_bytes()).map_err(|e| e.to_string())?;
+        let mut list = keylist::parse(doc.as_bytes()).map_err(|e| e.to_string())?;
         let store = MemoryStore::default();
         counters::ensure_counter_slots(&store);
-        Publisher::default().publish(&store, &list, None, &cfg.key_list.source_id(), 1_000);
+        Publisher::default().publish(&store, &mut list, None, &cfg.key_list.source_id(), 1_000);
         let list = ListState::from_meta(
             publish::read_meta(&store).as_ref(),
             &cfg.key_list.source_id(),

@@ -5,6 +5,7 @@
 
 mod fast;
 mod raw;
+pub mod staging;
 
 use crate::config::{json_error, validate_limits, Limit};
 use crate::dictionary;
@@ -13,19 +14,24 @@ use crate::json::DocError;
 use crate::ratelimit::Fnv;
 use crate::record::{self, Entry};
 use crate::scan::{self, Body, Position, Sink};
+use crate::shared::SharedStore;
 use crate::time;
 use raw::{RawExpiry, RawHead, RawKey};
 use serde::de::IgnoredAny;
 use serde::Deserialize;
+use staging::{Records, Spill};
 use std::collections::{HashMap, HashSet};
 
-/// A validated list, compiled: records back to back in document order, and their hash order.
+/// A validated list, compiled: its records (in `staging`'s streams, perhaps spilled to shared
+/// data) and their hash order.
 #[derive(Debug, Default)]
 pub struct KeyList {
     pub version: Option<String>,
-    records: Vec<u8>,
-    /// One per key in hash order: `(first 4 bytes of the hash) << 32 | offset of its record`.
+    records: Records,
+    /// One per key in hash order: `(first 4 bytes of the hash) << 32 | its document index`.
     order: Vec<u64>,
+    /// Per document index: where its record is (`staging`).
+    locs: Vec<u32>,
     /// The entries of the list's dictionary (`dictionary::Builder::finish`).
     dictionary: Vec<u8>,
 }
@@ -43,24 +49,58 @@ impl KeyList {
         &self.dictionary
     }
 
-    /// `(first 4 bytes of the hash, the record with its length)`, in hash order.
-    pub fn sorted(&self) -> impl Iterator<Item = (u32, &[u8])> + '_ {
-        self.order.iter().filter_map(|e| {
-            let at = (*e as u32) as usize;
-            let rest = self.records.get(at..)?;
-            let (_, tail) = record::split_record(rest)?;
-            Some(((e >> 32) as u32, rest.get(..rest.len() - tail.len())?))
-        })
+    /// Hands `f` each `(first 4 bytes of the hash, the record with its length)` in hash order,
+    /// taking the records back one stream at a time (`store`: where they were spilled, if they
+    /// were). False when spilled records could not be read back (a staged entry was overwritten
+    /// by another parse): then `f` has not seen every record, and the list is spent.
+    pub fn drain_sorted(
+        &mut self,
+        store: Option<&dyn SharedStore>,
+        f: &mut dyn FnMut(u32, &[u8]),
+    ) -> bool {
+        let (records, order, locs) = (&mut self.records, &self.order, &self.locs);
+        let mut at = 0;
+        while let Some(first) = order.get(at) {
+            let s = staging::stream_of((first >> 56) as u8);
+            // One stream at a time (the last one is dropped before the next is taken back).
+            let Some(bytes) = records.stream(store, s) else {
+                return false;
+            };
+            while let Some(e) = order.get(at) {
+                if staging::stream_of((e >> 56) as u8) != s {
+                    break;
+                }
+                at += 1;
+                let record = locs
+                    .get((*e as u32) as usize)
+                    .and_then(|loc| bytes.get(staging::offset_of(*loc)..))
+                    .and_then(|rest| {
+                        let (_, tail) = record::split_record(rest)?;
+                        rest.get(..rest.len() - tail.len())
+                    });
+                match record {
+                    Some(r) => f((e >> 32) as u32, r),
+                    None => return false,
+                }
+            }
+        }
+        true
     }
 
-    /// The records (without their length) in document order.
+    /// The records (without their length) in document order, as far as they are held in this
+    /// VM: all of them unless the parse spilled some (`read_spilling`).
     pub fn records(&self) -> impl Iterator<Item = &[u8]> + '_ {
-        let mut rest = &self.records[..];
-        std::iter::from_fn(move || {
-            let (body, tail) = record::split_record(rest)?;
-            rest = tail;
-            Some(body)
-        })
+        self.locs.iter().filter_map(|l| self.records.in_memory(*l))
+    }
+
+    /// Empties the entries its records were spilled to (a list that will not be published).
+    pub fn discard(&mut self, store: &dyn SharedStore) {
+        self.records.discard(Some(store));
+    }
+
+    /// Chunks of records spilled to shared data and not taken back.
+    pub fn spilled_chunks(&self) -> usize {
+        self.records.spilled_chunks()
     }
 }
 
@@ -74,12 +114,16 @@ pub fn parse_hash(s: &str) -> Option<[u8; 32]> {
     if b.len() != 64 {
         return None;
     }
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    };
     let mut out = [0u8; 32];
     for (byte, pair) in out.iter_mut().zip(b.chunks_exact(2)) {
         let [hi, lo] = pair else { return None };
-        let hi = (*hi as char).to_digit(16)?;
-        let lo = (*lo as char).to_digit(16)?;
-        *byte = (hi * 16 + lo) as u8;
+        *byte = digit(*hi)? << 4 | digit(*lo)?;
     }
     Some(out)
 }
@@ -208,8 +252,32 @@ pub fn read(body: &mut dyn Body, size: usize) -> Result<KeyList, DocError> {
 
 /// [`read`] under the configuration's [`Rules`].
 pub fn read_with(body: &mut dyn Body, size: usize, rules: Rules) -> Result<KeyList, DocError> {
-    let mut first = Compiler::new(None, size, rules);
-    let outline = scan::scan(body, true, &mut first);
+    read_spilling(body, size, rules, None)
+}
+
+/// [`read_with`], spilling the records to shared data as they are compiled (`staging`): the VM
+/// then never holds more than a few chunks of them. Whatever the outcome, nothing spilled stays
+/// but what the returned list still needs (taken back by [`KeyList::drain_sorted`]).
+pub fn read_spilling(
+    body: &mut dyn Body,
+    size: usize,
+    rules: Rules,
+    spill: Option<Spill<'_>>,
+) -> Result<KeyList, DocError> {
+    let mut first = Compiler::new(None, size, rules, spill);
+    let result = read_into(body, &mut first, size, rules, spill);
+    first.release();
+    result
+}
+
+fn read_into(
+    body: &mut dyn Body,
+    first: &mut Compiler<'_>,
+    size: usize,
+    rules: Rules,
+    spill: Option<Spill<'_>>,
+) -> Result<KeyList, DocError> {
+    let outline = scan::scan(body, true, first);
     let head = parse_head(&outline.head);
     // Errors in document order, as one parse of the whole document would report them.
     if let Err((e, (line, column))) = &head {
@@ -235,13 +303,15 @@ pub fn read_with(body: &mut dyn Body, size: usize, rules: Rules) -> Result<KeyLi
         .iter()
         .any(|n| n == "owners" || n == "plans");
     if first.ctx.is_none() || late {
-        drop(first);
-        let mut second = Compiler::new(Some(ctx), size, rules);
+        first.release();
+        let mut second = Compiler::new(Some(ctx), size, rules, spill);
         scan::scan(body, false, &mut second);
-        if let Some(e) = second.syntax.take() {
-            return Err(e);
-        }
-        return second.finish(version);
+        let result = match second.syntax.take() {
+            Some(e) => Err(e),
+            None => second.finish(version),
+        };
+        second.release();
+        return result;
     }
     first.finish(version)
 }
@@ -258,12 +328,17 @@ struct Failure {
 }
 
 /// Validates and compiles keys one at a time.
-struct Compiler {
+struct Compiler<'s> {
     ctx: Option<Context>,
-    records: Vec<u8>,
+    records: Records,
+    spill: Option<Spill<'s>>,
     /// See `KeyList::order` (sorted at the end).
     order: Vec<u64>,
-    /// One per key: `(upper half of the id's FNV-1a) << 32 | offset of its record`.
+    /// See `KeyList::locs`.
+    locs: Vec<u32>,
+    /// One record at a time, before it goes to its stream.
+    record: Vec<u8>,
+    /// One per key: `(upper half of the id's FNV-1a) << 32 | its document index`.
     ids: Vec<u64>,
     dict: dictionary::Builder,
     scratch: record::Scratch,
@@ -274,7 +349,7 @@ struct Compiler {
     rules: Rules,
 }
 
-impl Sink for Compiler {
+impl Sink for Compiler<'_> {
     fn keys_start(&mut self, head: &[u8]) {
         if self.ctx.is_some() {
             return;
@@ -406,15 +481,18 @@ fn id_tag(id: &str) -> u64 {
     crate::ratelimit::fnv1a(id.as_bytes()) >> 32
 }
 
-impl Compiler {
-    fn new(ctx: Option<Context>, size: usize, rules: Rules) -> Compiler {
+impl<'s> Compiler<'s> {
+    fn new(ctx: Option<Context>, size: usize, rules: Rules, spill: Option<Spill<'s>>) -> Self {
         // Sized from the document (a key takes 90+ bytes of JSON and about a third of its
         // JSON as a record): no regrowth copies, and memory reserved but never written costs
         // no RSS.
         Compiler {
             ctx,
-            records: Vec::with_capacity(size / 3),
+            records: Records::new(spill.as_ref(), size / 3 / staging::PARTS),
+            spill,
             order: Vec::with_capacity(size / 90),
+            locs: Vec::with_capacity(size / 90),
+            record: Vec::new(),
             ids: Vec::with_capacity(size / 90),
             dict: dictionary::Builder::default(),
             scratch: record::Scratch::default(),
@@ -499,7 +577,7 @@ impl Compiler {
             }
             None => plan_limits,
         };
-        let Ok(offset) = u32::try_from(self.records.len()) else {
+        let Ok(index) = u32::try_from(i) else {
             return Err(rest(DocError::new(field("id"), "the list is too large")));
         };
         let entry = Entry {
@@ -518,38 +596,51 @@ impl Compiler {
             limits,
             owner_limits: ctx.owner_limits.get(k.owner.as_ref()).map(|l| &l[..]),
         };
-        record::encode(&entry, &mut self.dict, &mut self.scratch, &mut self.records);
+        self.record.clear();
+        record::encode(&entry, &mut self.dict, &mut self.scratch, &mut self.record);
+        let Some(loc) = self.records.push(
+            self.spill.as_ref(),
+            staging::stream_of(hash[0]),
+            &self.record,
+        ) else {
+            return Err(rest(DocError::new(field("id"), "the list is too large")));
+        };
         let lead = u32::from_be_bytes([hash[0], hash[1], hash[2], hash[3]]) as u64;
-        self.order.push(lead << 32 | offset as u64);
-        self.ids.push(id_tag(&k.id) << 32 | offset as u64);
+        self.order.push(lead << 32 | index as u64);
+        self.ids.push(id_tag(&k.id) << 32 | index as u64);
+        self.locs.push(loc);
         Ok(())
     }
 
-    fn body_at(&self, offset: u64) -> (&[u8; 32], &str) {
-        self.records
-            .get((offset as u32) as usize..)
-            .and_then(record::split_record)
-            .and_then(|(body, _)| record::hash_and_id(body))
-            .unwrap_or((&[0; 32], ""))
+    /// The hash and id of key `index` (index in the low half of `entry`); only asked when
+    /// 32-bit tags collide, so a spilled record is read back then.
+    fn body_at(&self, entry: u64) -> ([u8; 32], String) {
+        self.locs
+            .get((entry as u32) as usize)
+            .and_then(|loc| self.records.record(self.spill.map(|s| s.store), *loc))
+            .and_then(|body| record::hash_and_id(&body).map(|(h, id)| (*h, id.to_string())))
+            .unwrap_or(([0; 32], String::new()))
     }
 
-    /// The document index of the record at `offset` (error path only: walks the records).
-    fn index_of(&self, offset: u64) -> usize {
-        let target = (offset as u32) as usize;
-        let mut rest = &self.records[..];
-        let mut i = 0;
-        while self.records.len() - rest.len() < target {
-            match record::split_record(rest) {
-                Some((_, tail)) => rest = tail,
-                None => break,
-            }
-            i += 1;
+    /// Empties what this compiler spilled and still holds (none once `finish` handed its
+    /// records over), after noting how much it spilled.
+    fn release(&mut self) {
+        if let Some(sp) = self.spill {
+            self.records.note_spilled(sp.store);
+            self.records.discard(Some(sp.store));
         }
-        i
+    }
+
+    /// The document index of key `entry`.
+    fn index_of(&self, entry: u64) -> usize {
+        (entry as u32) as usize
     }
 
     /// The whole-list checks (unique ids and hashes), then the list in hash order.
-    fn finish(mut self, version: Option<String>) -> Result<KeyList, DocError> {
+    fn finish(&mut self, version: Option<String>) -> Result<KeyList, DocError> {
+        if let Some(sp) = self.spill {
+            self.records.note_spilled(sp.store);
+        }
         // Candidates ordered as the checks of one key after another would meet them.
         let mut first: Option<(usize, u8, DocError)> = self
             .failed
@@ -612,7 +703,7 @@ impl Compiler {
         order.sort_unstable();
         for run in order.chunk_by_mut(|a, b| a >> 32 == b >> 32) {
             if run.len() > 1 {
-                run.sort_by(|a, b| self.body_at(*a).0.cmp(self.body_at(*b).0).then(a.cmp(b)));
+                run.sort_by(|a, b| self.body_at(*a).0.cmp(&self.body_at(*b).0).then(a.cmp(b)));
             }
         }
         let mut dup_hash: Option<u64> = None;
@@ -639,7 +730,7 @@ impl Compiler {
                     .iter()
                     .skip(from)
                     .take_while(|e| *e >> 32 == lead)
-                    .any(|e| *self.body_at(*e).0 == hash)
+                    .any(|e| self.body_at(*e).0 == hash)
                 {
                     offer(failed_at, 4, &|| {
                         DocError::new(
@@ -655,9 +746,10 @@ impl Compiler {
         }
         Ok(KeyList {
             version,
-            records: self.records,
+            records: std::mem::take(&mut self.records),
             order,
-            dictionary: self.dict.finish(),
+            locs: std::mem::take(&mut self.locs),
+            dictionary: std::mem::take(&mut self.dict).finish(),
         })
     }
 }

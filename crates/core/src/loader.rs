@@ -25,6 +25,7 @@
 //!   is published for every VM.
 
 use crate::config::KeyListSource;
+use crate::keylist::staging::{self, Spill};
 use crate::keylist::{self, KeyList};
 use crate::publish::{self, Meta, Publisher};
 use crate::scan::Body;
@@ -121,6 +122,12 @@ pub struct Loader {
     /// A fetch was asked for by `tick` and not yet reported by `dispatched`.
     pending_conditional: Option<bool>,
     publisher: Publisher,
+    /// Publish a parsed list on the next [`Loader::publish_pending`] instead of at once.
+    defer: bool,
+    /// Stage the records of a parse in shared data (`keylist::staging`).
+    spill: bool,
+    /// A parsed list waiting for [`Loader::publish_pending`], with its ETag.
+    pending: Option<(KeyList, Option<String>)>,
     /// What the configuration demands of a document beyond SPEC §2 (global mode's windows).
     rules: keylist::Rules,
 }
@@ -150,6 +157,49 @@ impl Loader {
     /// `keylist::Rules`); a document that breaks a rule is rejected like an invalid one.
     pub fn set_rules(&mut self, rules: keylist::Rules) {
         self.rules = rules;
+    }
+
+    /// Publish each parsed list later, from [`Loader::publish_pending`], instead of inside
+    /// [`Loader::on_response`]. In Envoy the response body (the whole document) is freed only
+    /// when the response callback returns: buckets written after it reuse that memory, where
+    /// buckets written inside it interleave with it and keep much of it resident in the
+    /// allocator for good.
+    pub fn set_deferred_publish(&mut self, defer: bool) {
+        self.defer = defer;
+    }
+
+    /// Stage each parse's records in shared data until they are published (`keylist::staging`),
+    /// so the VM never holds them all. Only where shared data is not a fixed-size zone that
+    /// must fit the list twice while a list replaces another (Envoy; not ngx_wasm_module's
+    /// `shm_kv`, where a full zone traps the writer).
+    pub fn set_staging(&mut self, spill: bool) {
+        self.spill = spill;
+    }
+
+    /// Whether a parsed list waits for [`Loader::publish_pending`].
+    pub fn has_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Publishes the list [`Loader::on_response`] parsed and kept (deferred mode), if this
+    /// loader still holds the lease; else its staged records are emptied and it is dropped.
+    pub fn publish_pending(&mut self, store: &dyn SharedStore, now_ms: u64) -> Report {
+        let Some((mut list, etag)) = self.pending.take() else {
+            return Report::default();
+        };
+        if !self.hold_lease(store, now_ms, PUBLISH_LEASE_MS) {
+            list.discard(store);
+            return Report {
+                reason: Some("the lease passed to another context; list dropped".into()),
+                ..Report::default()
+            };
+        }
+        let report = self.publish(store, &mut list, etag, now_ms);
+        match report.outcome {
+            Some(Fetch::Ok) => self.failures = 0,
+            _ => self.schedule_after_failure(now_ms, self.source.refresh_s),
+        }
+        report
     }
 
     /// This loader's token (0 until configured).
@@ -302,10 +352,28 @@ impl Loader {
             }
             Answer::Response {
                 etag, body_size, ..
-            } => match keylist::read_with(body, body_size, self.rules) {
-                Err(e) => Report::ended(Fetch::Rejected, Some(format!("document rejected: {e}"))),
-                Ok(list) => self.publish(store, &list, etag, now_ms),
-            },
+            } => {
+                // The records wait in shared data between parse and publish (`staging`), so
+                // this VM's memory, which never shrinks, need not hold a million of them.
+                let spill = Spill {
+                    store,
+                    nonce: staging::nonce(self.token, now_ms),
+                    chunk: staging::CHUNK_BYTES,
+                };
+                let spill = self.spill.then_some(spill);
+                match keylist::read_spilling(body, body_size, self.rules, spill) {
+                    Err(e) => {
+                        Report::ended(Fetch::Rejected, Some(format!("document rejected: {e}")))
+                    }
+                    Ok(list) if self.defer => {
+                        if let Some((mut old, _)) = self.pending.replace((list, etag)) {
+                            old.discard(store);
+                        }
+                        Report::default()
+                    }
+                    Ok(mut list) => self.publish(store, &mut list, etag, now_ms),
+                }
+            }
         };
         match report.outcome {
             Some(Fetch::Ok | Fetch::NotModified) => self.failures = 0,
@@ -320,17 +388,23 @@ impl Loader {
     fn publish(
         &mut self,
         store: &dyn SharedStore,
-        list: &KeyList,
+        list: &mut KeyList,
         etag: Option<String>,
         now_ms: u64,
     ) -> Report {
-        let meta = self
+        match self
             .publisher
-            .publish(store, list, etag, &self.source_id, now_ms / 1000);
-        Report {
-            outcome: Some(Fetch::Ok),
-            reason: None,
-            published: Some(meta),
+            .publish(store, list, etag, &self.source_id, now_ms / 1000)
+        {
+            Some(meta) => Report {
+                outcome: Some(Fetch::Ok),
+                reason: None,
+                published: Some(meta),
+            },
+            None => Report::ended(
+                Fetch::Failed,
+                Some("the staged records were overwritten while publishing".to_string()),
+            ),
         }
     }
 

@@ -83,6 +83,16 @@ pub mod key {
         format!("keygate:b:{bits}:{index}")
     }
 
+    /// `c0,c1,…,c31`: the most chunks each staging stream ever spilled (so `stage` entries
+    /// `(s, 0..c_s)` exist), for the count of entries.
+    pub const STAGE_COUNTS: &str = "keygate:stage";
+
+    /// Chunk `k` of staging stream `stream` (`keylist`): a list's records between its parse and
+    /// its publish, emptied once published.
+    pub fn stage(stream: u8, k: u32) -> String {
+        format!("keygate:st:{stream}:{k}")
+    }
+
     /// Dictionary slot 0 or 1 (`dictionary`); the two alternate.
     pub fn dictionary(slot: u8) -> String {
         format!("keygate:dict:{}", slot & 1)

@@ -453,13 +453,13 @@ mod gate {
                     format!(r#"{{"id":"{id}","hash":"{}","owner":"o"{extra}}}"#, hex(k))
                 })
                 .collect();
-            let list = keygate_core::keylist::parse(
+            let mut list = keygate_core::keylist::parse(
                 format!(r#"{{"keys":[{}]}}"#, keys.join(",")).as_bytes(),
             )
             .unwrap();
             let store = MemoryStore::default();
             counters::ensure_counter_slots(&store);
-            Publisher::default().publish(&store, &list, None, &cfg.key_list.source_id(), NOW);
+            Publisher::default().publish(&store, &mut list, None, &cfg.key_list.source_id(), NOW);
             let list = ListState::from_meta(
                 publish::read_meta(&store).as_ref(),
                 &cfg.key_list.source_id(),

@@ -492,3 +492,77 @@ fn an_answer_arriving_after_the_lease_passed_on_is_not_published() {
     assert!(r.published.is_none());
     assert!(publish::read_meta(&store).is_none());
 }
+
+/// A big enough list to spill: `n` keys with distinct hashes.
+fn big_doc(n: usize) -> String {
+    let keys: Vec<String> = (0..n)
+        .map(|i| {
+            let hash = format!(
+                "{:064x}",
+                (i as u128).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835)
+            );
+            format!(r#"{{"id":"k{i}","hash":"{hash}","owner":"org"}}"#)
+        })
+        .collect();
+    format!(r#"{{"version":"big","keys":[{}]}}"#, keys.join(","))
+}
+
+#[test]
+fn deferred_publish_with_staged_records() {
+    let store = MemoryStore::default();
+    let mut l = Loader::default();
+    let mut src = source(30);
+    src.max_bytes = 64 << 20;
+    l.configure(&store, &src, 0);
+    l.set_deferred_publish(true);
+    l.set_staging(true);
+    fetch_at(&mut l, &store, 1, T);
+    let body = big_doc(30_000);
+    let r = answer(&mut l, &store, 1, "200", Some("\"big\""), &body, T + 10);
+    assert_eq!(r, Report::default(), "parsed, not yet published");
+    assert!(l.has_pending());
+    assert!(publish::read_meta(&store).is_none());
+    let counts = store.get(key::STAGE_COUNTS).0.expect("records were staged");
+    let r = l.publish_pending(&store, T + 11);
+    assert_eq!(r.outcome, Some(Fetch::Ok));
+    assert_eq!(r.published.expect("published").keys, 30_000);
+    assert!(!l.has_pending());
+    assert_eq!(meta(&store).keys, 30_000);
+    // Every staged chunk was emptied once published.
+    let text = String::from_utf8(counts).unwrap();
+    for (s, n) in text.split(',').enumerate() {
+        for k in 0..n.parse::<u32>().unwrap() {
+            assert_eq!(
+                store.get(&key::stage(s as u8, k)).0,
+                Some(vec![]),
+                "chunk {s}:{k}"
+            );
+        }
+    }
+    assert_eq!(publish::shared_entries(&store), store.len() as u64);
+    // A bad document is rejected at once and leaves nothing pending or staged.
+    fetch_at(&mut l, &store, 2, T + 30_010);
+    let bad = body.replace(r#""id":"k7","#, r#""id":"k8","#);
+    let r = answer(&mut l, &store, 2, "200", Some("\"bad\""), &bad, T + 30_020);
+    assert_eq!(r.outcome, Some(Fetch::Rejected));
+    assert!(!l.has_pending());
+    assert_eq!(meta(&store).keys, 30_000);
+    assert_eq!(publish::shared_entries(&store), store.len() as u64);
+}
+
+#[test]
+fn a_pending_list_is_dropped_when_the_lease_passed_on() {
+    let store = MemoryStore::default();
+    let mut a = loader(&store, 30);
+    a.set_deferred_publish(true);
+    let mut b = loader(&store, 30);
+    fetch_at(&mut a, &store, 1, T);
+    let r = answer(&mut a, &store, 1, "200", None, &doc(&["a"]), T + 1);
+    assert_eq!(r, Report::default());
+    // `a` stalls past its publish lease: `b` leads, and `a` drops what it parsed.
+    assert!(b.tick(&store, T + 200_000).0.is_some());
+    let r = a.publish_pending(&store, T + 200_001);
+    assert!(r.published.is_none() && r.outcome.is_none());
+    assert!(!a.has_pending());
+    assert!(publish::read_meta(&store).is_none());
+}

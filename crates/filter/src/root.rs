@@ -40,6 +40,8 @@ fn host_has_grpc_calls() -> bool {
 
 /// Also how long a worker may answer from its bucket cache after a new list was published.
 const TICK: Duration = Duration::from_millis(100);
+/// The tick after a parsed list's response callback, which publishes it.
+const PUBLISH_SOON: Duration = Duration::from_millis(1);
 
 /// This build's version, logged on load.
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -158,6 +160,10 @@ impl Root {
         self.loader = loader;
         self.carry_out(report);
         self.refresh_view();
+        if self.loader.has_pending() {
+            // Published on the next tick, once Envoy has freed the response body.
+            self.set_tick_period(PUBLISH_SOON);
+        }
     }
 }
 
@@ -208,6 +214,10 @@ impl RootContext for Root {
         counters::ensure_counter_slots(&HostStore);
         self.loader
             .configure(&HostStore, &config.key_list, now_ns());
+        self.loader.set_deferred_publish(true);
+        // Envoy's shared data grows as needed; ngx_wasm_module's zone is fixed and traps when
+        // full, so there the records are not staged in it (see `Loader::set_staging`).
+        self.loader.set_staging(host_has_grpc_calls());
         self.loader.set_rules(keylist::Rules {
             unit_windows: config.global.is_some(),
         });
@@ -244,6 +254,11 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         let Some(s) = self.shared.clone() else { return };
+        if self.loader.has_pending() {
+            let report = self.loader.publish_pending(&HostStore, now_ms());
+            self.carry_out(report);
+            self.set_tick_period(TICK);
+        }
         self.refresh_view();
         let kl = &s.config.key_list;
         let now = now_ms();

@@ -9,6 +9,8 @@ use std::borrow::Cow;
 
 struct Cursor<'a> {
     b: &'a [u8],
+    /// `b` as text (validated once for the whole key, not string by string).
+    text: &'a str,
     i: usize,
 }
 
@@ -47,7 +49,7 @@ impl<'a> Cursor<'a> {
         if rest.get(len) != Some(&b'"') {
             return None;
         }
-        let s = std::str::from_utf8(rest.get(..len)?).ok()?;
+        let s = self.text.get(self.i..self.i + len)?;
         self.i += len + 1;
         Some(s)
     }
@@ -99,7 +101,12 @@ fn text<'a>(slot: &mut Option<Cow<'a, str>>, c: &mut Cursor<'a>) -> Option<()> {
 
 /// The key, when it has the common shape; `None` sends it to serde.
 pub(super) fn parse(bytes: &[u8]) -> Option<RawKey<'_>> {
-    let mut c = Cursor { b: bytes, i: 0 };
+    let utf8 = std::str::from_utf8(bytes).ok()?;
+    let mut c = Cursor {
+        b: bytes,
+        text: utf8,
+        i: 0,
+    };
     let (mut id, mut hash, mut owner, mut status, mut plan) = (None, None, None, None, None);
     let (mut expires_at, mut allowed_ips, mut sites, mut scopes) = (None, None, None, None);
     c.ws();

@@ -91,11 +91,11 @@ impl Gate {
     /// `document` published, fetched at `fetched_at_s`.
     pub fn fetched_at_s(cfg: Value, document: Value, fetched_at_s: u64) -> Gate {
         let mut g = Gate::empty(cfg);
-        let list = keygate_core::keylist::parse(document.to_string().as_bytes())
+        let mut list = keygate_core::keylist::parse(document.to_string().as_bytes())
             .unwrap_or_else(|e| panic!("key list {document} rejected: {e}"));
         Publisher::default().publish(
             &g.store,
-            &list,
+            &mut list,
             Some("\"etag-1\"".into()),
             &g.cfg.key_list.source_id(),
             fetched_at_s,
