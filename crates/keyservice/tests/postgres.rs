@@ -40,6 +40,55 @@ fn pg_retention() {
     scenarios::retention(&pg.database("retention"));
 }
 
+/// The same with the builder held back (a lock on `plans`, which every build reads and these
+/// writes do not) while the keys are created and changed: the test must not take a document
+/// served before the changes for one served after the purge.
+#[test]
+fn pg_retention_with_the_builder_behind() {
+    let Some(pg) = Pg::start() else { return };
+    let db = pg.database("retention_behind");
+    let hold = hold_builds(&db, Duration::from_secs(2));
+    scenarios::retention_with(&db, || hold.wait_until_held());
+}
+
+/// Holds an exclusive lock on `plans` for `d` from when `wait_until_held` is called.
+struct Hold(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>);
+
+impl Hold {
+    fn wait_until_held(&self) {
+        self.0.send(()).unwrap();
+        self.1.recv().unwrap();
+    }
+}
+
+fn hold_builds(db: &str, d: Duration) -> Hold {
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+    let db = db.to_string();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            use sqlx::Connection;
+            let mut c = sqlx::PgConnection::connect(&db).await.unwrap();
+            if go_rx.recv().is_err() {
+                return;
+            }
+            let mut tx = c.begin().await.unwrap();
+            sqlx::query("LOCK TABLE plans IN ACCESS EXCLUSIVE MODE")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            held_tx.send(()).unwrap();
+            tokio::time::sleep(d).await;
+            tx.commit().await.unwrap();
+        });
+    });
+    Hold(go_tx, held_rx)
+}
+
 #[test]
 fn pg_two_replicas_serve_the_same_document_within_1s() {
     let Some(pg) = Pg::start() else { return };

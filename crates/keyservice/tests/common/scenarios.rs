@@ -798,6 +798,12 @@ pub fn import_export(db: &str) {
 }
 
 pub fn retention(db: &str) {
+    retention_with(db, || {});
+}
+
+/// `retention`, with `started` called once the service serves its first document (the
+/// PostgreSQL test holds the builder back there).
+pub fn retention_with(db: &str, started: impl FnOnce()) {
     let s = Server::start_with(
         db,
         Options {
@@ -806,6 +812,7 @@ pub fn retention(db: &str) {
             ..Options::default()
         },
     );
+    started();
     let (a, _) = s.create(json!({"owner": "o"}));
     let (b, _) = s.create(json!({"owner": "o"}));
     let (c, _) = s.create(json!({"owner": "o"}));
