@@ -183,3 +183,9 @@ fn pg_healthz_is_honest_when_the_database_stops() {
     assert_eq!(s.raw("GET", "/v1/keys", None, None, &[]).status, 200);
     s.stop();
 }
+
+#[test]
+fn pg_incremental_builds_match_a_full_build() {
+    let Some(pg) = Pg::start() else { return };
+    scenarios::incremental_matches_full(&pg.database("incremental"));
+}
