@@ -82,6 +82,8 @@ impl Tokens {
 pub struct App {
     pub store: Store,
     pub cache: RwLock<Option<Arc<Built>>>,
+    /// What the builder keeps between builds (incremental builds start from it).
+    pub builder: Mutex<Option<document::Cache>>,
     /// The last build error, cleared by a good build.
     pub build_error: Mutex<Option<String>>,
     pub metrics: Metrics,

@@ -11,6 +11,8 @@ pub struct Metrics {
     /// `(route template, method, status) -> count`.
     requests: Mutex<BTreeMap<(String, String, u16), u64>>,
     pub rebuilds: AtomicU64,
+    /// Builds that read every key (the others read only the keys changed).
+    pub full_rebuilds: AtomicU64,
     pub rebuild_failures: AtomicU64,
     pub not_modified: AtomicU64,
     pub usage_reports: AtomicU64,
@@ -37,10 +39,13 @@ impl Metrics {
             .or_insert(0) += 1;
     }
 
-    /// Records one document build of `seconds`.
-    pub fn built(&self, seconds: f64) {
+    /// Records one document build of `seconds` (`full`: every key read).
+    pub fn built(&self, seconds: f64, full: bool) {
         let micros = (seconds * 1e6) as u64;
         self.rebuilds.fetch_add(1, Ordering::Relaxed);
+        if full {
+            self.full_rebuilds.fetch_add(1, Ordering::Relaxed);
+        }
         self.build_micros_sum.fetch_add(micros, Ordering::Relaxed);
         self.build_micros_last.store(micros, Ordering::Relaxed);
     }
@@ -65,6 +70,11 @@ impl Metrics {
                 "document_rebuilds_total",
                 "Key-list documents built.",
                 &self.rebuilds,
+            ),
+            (
+                "document_full_rebuilds_total",
+                "Key-list documents built from every key (the others from the keys changed since the previous build).",
+                &self.full_rebuilds,
             ),
             (
                 "document_rebuild_failures_total",

@@ -1,7 +1,7 @@
 //! `keygate keyservice`: arguments, start-up, the document builder and the retention purge.
 
 use crate::api::{self, App, Tokens};
-use crate::document::{self, Content};
+use crate::document;
 use crate::metrics::Metrics;
 use crate::store::Store;
 use clap::Args;
@@ -84,6 +84,7 @@ pub async fn start(args: ServeArgs) -> Result<Running, String> {
     let app = Arc::new(App {
         store,
         cache: RwLock::new(None),
+        builder: Mutex::new(None),
         build_error: Mutex::new(None),
         metrics: Metrics::default(),
         admin,
@@ -131,9 +132,13 @@ pub async fn start(args: ServeArgs) -> Result<Running, String> {
 
 /// Builds and serves the current document; false (and the error kept for /healthz) on failure.
 async fn rebuild(app: &App) -> bool {
-    match document::build(&app.store, Content::Served).await {
+    // Only the builder task (and start-up before it) builds: the cache is taken and put back.
+    let mut cache = app.builder.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let result = document::update(&app.store, &mut cache).await;
+    *app.builder.lock().unwrap_or_else(|e| e.into_inner()) = cache;
+    match result {
         Ok(b) => {
-            app.metrics.built(b.seconds);
+            app.metrics.built(b.seconds, b.full);
             app.set(b);
             true
         }

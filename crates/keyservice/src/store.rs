@@ -127,6 +127,10 @@ pub struct UsageReport {
     pub last_used_at: Option<i64>,
 }
 
+/// Generations of tombstones (ids of deleted key rows, read by incremental document builds)
+/// the retention purge keeps.
+const TOMBSTONE_GENERATIONS: i64 = 100_000;
+
 fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
@@ -1002,6 +1006,25 @@ impl Store {
             .bind(cutoff)
             .execute(&mut *t.tx)
             .await?;
+        // Tombstones far behind the current generation: a builder that far behind builds whole.
+        let generation: i64 = sqlx::query("SELECT generation FROM meta WHERE id = 1")
+            .fetch_one(&mut *t.tx)
+            .await?
+            .try_get(0)?;
+        let keep_from = generation.saturating_sub(TOMBSTONE_GENERATIONS);
+        let dropped = sqlx::query("DELETE FROM key_tombstones WHERE generation < $1")
+            .bind(keep_from)
+            .execute(&mut *t.tx)
+            .await?
+            .rows_affected();
+        if dropped > 0 {
+            sqlx::query(
+                "UPDATE meta SET tombstones_from = $1 WHERE id = 1 AND tombstones_from < $1",
+            )
+            .bind(keep_from)
+            .execute(&mut *t.tx)
+            .await?;
+        }
         if unlisted > 0 {
             Self::audit(
                 &mut t,

@@ -87,3 +87,9 @@ fn restart_keeps_keys_and_etag() {
     assert_eq!(l.json()["id"], rec["id"]);
     s.stop();
 }
+
+#[test]
+fn incremental_builds_match_a_full_build() {
+    let (_d, db) = sqlite();
+    scenarios::incremental_matches_full(&db);
+}
