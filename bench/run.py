@@ -9,9 +9,12 @@ this process). With two or more CPUs, Envoy is pinned to the first and wrk, this
 key service to the second (`taskset`).
 
 1  throughput, latency and Envoy CPU per request, `--concurrency 1`, a fresh Envoy per run,
-   configurations interleaved round by round (A B C D E, A B C D E, ...; default 7 rounds of 5 s
-   after a 2 s warm-up, wrk -t1 -c16):
-     A  router only (passthrough)
+   configurations interleaved round by round (A B C T D E G R, A B C T D E G R, ...; default 5
+   rounds of 5 s after a 2 s warm-up, wrk -t1 -c32); every route answers with a direct_response
+   on the proxy itself (no upstream hop), except R's (see below):
+     A  router only
+     T  a trivial wasm filter (bench/trivial): SHA-256 of x-api-key, a HashMap of 1,000 hashes,
+        one shared-data get + CAS, three x-ratelimit-* response headers (issue 13's yardstick)
      B  Envoy's native api_key_auth (1,000 credentials) + local_ratelimit (x-ratelimit headers)
      C  a wasm filter that does nothing (bench/noop): the floor of any wasm filter
      D  keygate, realistic: 1,000 keys, x-api-key + Bearer, 100 CIDRs in ip_allow, 20 route
@@ -22,7 +25,8 @@ key service to the second (`taskset`).
         (redis-server), both on the load generator's CPU; reported against D (G−D)
      R  the reference for G: Envoy's own envoy.filters.http.ratelimit against the same service
         (over an upstream hop); G and R are skipped with a note without redis-server or grpcio
-   Upstream: a second listener of the *same* Envoy answering with a direct_response (UPSTREAM_NOTE).
+   R's upstream: a second listener of the *same* Envoy answering with a direct_response
+   (UPSTREAM_NOTE).
 1b attribution: D without ip_allow / routes / rate limits / identity+strip, and bare.
 1c phases: wall time of each step inside the filter (diagnostic build, `make wasm-timing`).
 2  key-list scale (`--concurrency 2`): time to live and Envoy RSS for 1k/10k/100k/1M keys;
