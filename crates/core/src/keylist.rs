@@ -421,7 +421,7 @@ impl Sink for Compiler<'_> {
 
     /// The common shape read in the scan's own pass (`fast::parse_in_place`): what `element`
     /// does when `fast::parse` accepts, without reading the element's bytes a second time.
-    fn element_in_place(&mut self, rest: &[u8]) -> Option<scan::Taken> {
+    fn element_in_place(&mut self, rest: &str) -> Option<scan::Taken> {
         if self.syntax.is_some() || self.failed.is_some() || self.ctx.is_none() {
             return None;
         }

@@ -58,10 +58,10 @@ pub trait Sink {
     /// with the elements: serde never sees those.
     fn syntax_error(&mut self, message: String);
     /// Offered an element that starts with `{` where it lies: `rest` is the rest of the chunk
-    /// from its first byte. A sink that reads it there, in the same pass that finds it, takes
+    /// from its first byte, as far as the chunk is valid UTF-8. A sink that reads it there, in the same pass that finds it, takes
     /// it and says how far it went (up to the `,` or `]` after it, which it must have seen);
     /// otherwise the element is split as usual and handed to [`Sink::element`].
-    fn element_in_place(&mut self, _rest: &[u8]) -> Option<Taken> {
+    fn element_in_place(&mut self, _rest: &str) -> Option<Taken> {
         None
     }
 }
@@ -263,10 +263,16 @@ impl Scanner<'_> {
 
     fn chunk(&mut self, chunk: &[u8], base: usize) {
         self.elem_from = 0;
+        // The chunk as text once, for the elements read in place (an element cut by the chunk's
+        // end or holding invalid UTF-8 is then cut short here, declined, and split as usual).
+        let text = std::str::from_utf8(chunk).unwrap_or_else(|e| {
+            std::str::from_utf8(chunk.get(..e.valid_up_to()).unwrap_or_default())
+                .unwrap_or_default()
+        });
         let mut i = 0;
         while i < chunk.len() {
             if self.keys == Keys::In && self.depth >= 2 {
-                i = self.in_keys(chunk, base, i);
+                i = self.in_keys(chunk, text, base, i);
             } else {
                 if let Some(&b) = chunk.get(i) {
                     self.outside(b, base + i);
@@ -281,7 +287,7 @@ impl Scanner<'_> {
     }
 
     /// Inside the `keys` array: the hot loop over a million elements.
-    fn in_keys(&mut self, chunk: &[u8], base: usize, mut i: usize) -> usize {
+    fn in_keys(&mut self, chunk: &[u8], text: &str, base: usize, mut i: usize) -> usize {
         while i < chunk.len() {
             if self.in_string {
                 if self.escaped {
@@ -327,8 +333,7 @@ impl Scanner<'_> {
                         self.elem_from = i;
                         self.elem_at = self.position(base + i);
                         let taken = if b == b'{' {
-                            chunk
-                                .get(i..)
+                            text.get(i..)
                                 .and_then(|rest| self.sink.element_in_place(rest))
                         } else {
                             None

@@ -9,6 +9,8 @@ use std::borrow::Cow;
 
 struct Cursor<'a> {
     b: &'a [u8],
+    /// `b` as text (validated once for many strings, not string by string).
+    text: &'a str,
     i: usize,
     /// Newlines passed (only whitespace can hold one), and the index after the last of them.
     lines: usize,
@@ -60,7 +62,9 @@ impl<'a> Cursor<'a> {
 
     /// A string without escapes or control characters.
     fn string(&mut self) -> Option<&'a str> {
-        std::str::from_utf8(self.raw_string()?).ok()
+        let len = self.raw_string()?.len();
+        // Between two quotes: character boundaries.
+        self.text.get(self.i - 1 - len..self.i - 1)
     }
 
     /// `[` strings `]`.
@@ -159,9 +163,10 @@ fn text<'a>(slot: &mut Option<Cow<'a, str>>, c: &mut Cursor<'a>) -> Option<()> {
     Some(())
 }
 
-fn cursor(b: &[u8]) -> Cursor<'_> {
+fn cursor(text: &str) -> Cursor<'_> {
     Cursor {
-        b,
+        b: text.as_bytes(),
+        text,
         i: 0,
         lines: 0,
         line_start: 0,
@@ -170,17 +175,18 @@ fn cursor(b: &[u8]) -> Cursor<'_> {
 
 /// The key, when it has the common shape; `None` sends it to serde.
 pub(super) fn parse(bytes: &[u8]) -> Option<RawKey<'_>> {
-    let mut c = cursor(bytes);
+    let mut c = cursor(std::str::from_utf8(bytes).ok()?);
     let key = c.key()?;
     c.ws();
     (c.i == bytes.len()).then_some(key)
 }
 
-/// The key at the start of `rest` (an element of `keys` and whatever follows it in the chunk),
+/// The key at the start of `rest` (an element of `keys` and whatever of the chunk follows it, as
+/// far as it is valid UTF-8),
 /// read where it lies, when it has the common shape and is followed by whitespace and the `,`
 /// or `]` that ends it: exactly when [`parse`] would accept the element the scan splits there.
 /// With it, the bytes before that separator and the newlines in them (`scan::Taken`).
-pub(super) fn parse_in_place(rest: &[u8]) -> Option<(RawKey<'_>, crate::scan::Taken)> {
+pub(super) fn parse_in_place(rest: &str) -> Option<(RawKey<'_>, crate::scan::Taken)> {
     let mut c = cursor(rest);
     let key = c.key()?;
     c.ws();
