@@ -418,6 +418,21 @@ impl Sink for Compiler<'_> {
     fn syntax_error(&mut self, message: String) {
         self.syntax.get_or_insert(DocError::whole(message));
     }
+
+    /// The common shape read in the scan's own pass (`fast::parse_in_place`): what `element`
+    /// does when `fast::parse` accepts, without reading the element's bytes a second time.
+    fn element_in_place(&mut self, rest: &str) -> Option<scan::Taken> {
+        if self.syntax.is_some() || self.failed.is_some() || self.ctx.is_none() {
+            return None;
+        }
+        let (k, taken) = fast::parse_in_place(rest)?;
+        let i = self.count;
+        self.count += 1;
+        if let Err(f) = self.add(i, k) {
+            self.failed = Some(f);
+        }
+        Some(taken)
+    }
 }
 
 /// The syntax error of an element (followed by its `,` or `]`), worded and placed as a parse of
@@ -1033,6 +1048,40 @@ mod chunked {
         assert_eq!(whole.as_ref().map(|(n, _)| *n), Ok(2));
         for chunk in [1, 7, 4096] {
             assert_eq!(answer(GOOD.as_bytes(), chunk), whole, "chunk {chunk}");
+        }
+    }
+
+    /// Keys spread over lines, then one more: any error after them is placed by the lines
+    /// counted inside keys read in place.
+    const SPREAD: &str = "{\"owners\":{\"o\":{}},\"keys\":[ {\"id\":\"a\",\r\n \"hash\":\n\t\"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n,\"owner\":\"o\" }\n ,\n{ \"id\" : \"b\", \"hash\":\"60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752\",\"owner\":\"o\",\"scopes\":[\n\"x\"\n] } ,\n  {\"id\":\"c\",\"hash\":\"2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae\",\"owner\":\"o\",\"expires_at\":7}\n]\n}\n";
+
+    /// Keys read in place (one chunk) and split first (one-byte chunks: no key is ever whole
+    /// in a chunk) give the same answer and error text, whatever byte is changed.
+    #[test]
+    fn keys_read_in_place_answer_as_keys_split_first() {
+        for doc in [GOOD, SPREAD] {
+            let whole = answer(doc.as_bytes(), usize::MAX);
+            assert_eq!(
+                whole.as_ref().map(|(n, _)| *n).ok(),
+                Some(2 + usize::from(doc == SPREAD))
+            );
+            assert_eq!(answer(doc.as_bytes(), 1), whole);
+            for at in 0..doc.len() {
+                for b in [
+                    b'"', b',', b'}', b']', b'{', b'[', b'\\', b' ', b'\n', b'0', b'x', b':', 0xff,
+                ] {
+                    let mut m = doc.as_bytes().to_vec();
+                    m[at] = b;
+                    assert_eq!(
+                        answer(&m, usize::MAX),
+                        answer(&m, 1),
+                        "{:?}",
+                        String::from_utf8_lossy(&m)
+                    );
+                }
+                let cut = &doc.as_bytes()[..at];
+                assert_eq!(answer(cut, usize::MAX), answer(cut, 1));
+            }
         }
     }
 

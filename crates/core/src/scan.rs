@@ -57,6 +57,23 @@ pub trait Sink {
     /// An empty element (`[1,,2]`, `[1,]`) or the end inside `keys` between elements, in order
     /// with the elements: serde never sees those.
     fn syntax_error(&mut self, message: String);
+    /// Offered an element that starts with `{` where it lies: `rest` is the rest of the chunk
+    /// from its first byte, as far as the chunk is valid UTF-8. A sink that reads it there, in the same pass that finds it, takes
+    /// it and says how far it went (up to the `,` or `]` after it, which it must have seen);
+    /// otherwise the element is split as usual and handed to [`Sink::element`].
+    fn element_in_place(&mut self, _rest: &str) -> Option<Taken> {
+        None
+    }
+}
+
+/// How much of an element a sink took in place (`Sink::element_in_place`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Taken {
+    /// The bytes taken: the element and the whitespace after it, not its separator.
+    pub len: usize,
+    /// Newlines in them, and the index after the last one.
+    pub lines: usize,
+    pub line_start: usize,
 }
 
 /// What the scan found besides the elements.
@@ -117,6 +134,8 @@ struct Scanner<'s> {
     elem_open: bool,
     elem_from: usize,
     elem_at: Position,
+    /// The open element was taken in place: only its separator is left.
+    elem_taken: bool,
     carry: Vec<u8>,
     after_comma: bool,
     line: usize,
@@ -143,6 +162,7 @@ pub fn scan(body: &mut dyn Body, keep_head: bool, sink: &mut dyn Sink) -> Outlin
         elem_open: false,
         elem_from: 0,
         elem_at: Position::default(),
+        elem_taken: false,
         carry: Vec::new(),
         after_comma: false,
         line: 1,
@@ -243,10 +263,16 @@ impl Scanner<'_> {
 
     fn chunk(&mut self, chunk: &[u8], base: usize) {
         self.elem_from = 0;
+        // The chunk as text once, for the elements read in place (an element cut by the chunk's
+        // end or holding invalid UTF-8 is then cut short here, declined, and split as usual).
+        let text = std::str::from_utf8(chunk).unwrap_or_else(|e| {
+            std::str::from_utf8(chunk.get(..e.valid_up_to()).unwrap_or_default())
+                .unwrap_or_default()
+        });
         let mut i = 0;
         while i < chunk.len() {
             if self.keys == Keys::In && self.depth >= 2 {
-                i = self.in_keys(chunk, base, i);
+                i = self.in_keys(chunk, text, base, i);
             } else {
                 if let Some(&b) = chunk.get(i) {
                     self.outside(b, base + i);
@@ -261,7 +287,7 @@ impl Scanner<'_> {
     }
 
     /// Inside the `keys` array: the hot loop over a million elements.
-    fn in_keys(&mut self, chunk: &[u8], base: usize, mut i: usize) -> usize {
+    fn in_keys(&mut self, chunk: &[u8], text: &str, base: usize, mut i: usize) -> usize {
         while i < chunk.len() {
             if self.in_string {
                 if self.escaped {
@@ -306,6 +332,22 @@ impl Scanner<'_> {
                         self.elem_open = true;
                         self.elem_from = i;
                         self.elem_at = self.position(base + i);
+                        let taken = if b == b'{' {
+                            text.get(i..)
+                                .and_then(|rest| self.sink.element_in_place(rest))
+                        } else {
+                            None
+                        };
+                        if let Some(t) = taken.filter(|t| t.len > 0) {
+                            // Read already: on to its separator (within this chunk).
+                            self.elem_taken = true;
+                            if t.lines > 0 {
+                                self.line += t.lines;
+                                self.line_start = base + i + t.line_start;
+                            }
+                            i += t.len;
+                            continue;
+                        }
                     }
                 }
             }
@@ -343,6 +385,10 @@ impl Scanner<'_> {
         }
         self.elem_open = false;
         self.out.elements += 1;
+        if self.elem_taken {
+            self.elem_taken = false;
+            return;
+        }
         let element = chunk.get(self.elem_from..=end).unwrap_or_default();
         if self.carry.is_empty() {
             self.sink.element(element, self.elem_at);

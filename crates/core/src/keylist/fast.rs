@@ -9,18 +9,25 @@ use std::borrow::Cow;
 
 struct Cursor<'a> {
     b: &'a [u8],
-    /// `b` as text (validated once for the whole key, not string by string).
+    /// `b` as text (validated once for many strings, not string by string).
     text: &'a str,
     i: usize,
+    /// Newlines passed (only whitespace can hold one), and the index after the last of them.
+    lines: usize,
+    line_start: usize,
 }
 
 impl<'a> Cursor<'a> {
     fn ws(&mut self) {
-        while self
-            .b
-            .get(self.i)
-            .is_some_and(|c| matches!(c, b' ' | b'\n' | b'\r' | b'\t'))
-        {
+        while let Some(&c) = self.b.get(self.i) {
+            match c {
+                b' ' | b'\r' | b'\t' => {}
+                b'\n' => {
+                    self.lines += 1;
+                    self.line_start = self.i + 1;
+                }
+                _ => return,
+            }
             self.i += 1;
         }
     }
@@ -39,8 +46,8 @@ impl<'a> Cursor<'a> {
         (self.next()? == c).then_some(())
     }
 
-    /// A string without escapes or control characters.
-    fn string(&mut self) -> Option<&'a str> {
+    /// A string without escapes or control characters, as its raw bytes (UTF-8 unchecked).
+    fn raw_string(&mut self) -> Option<&'a [u8]> {
         self.eat(b'"')?;
         let rest = self.b.get(self.i..)?;
         let len = rest
@@ -49,9 +56,15 @@ impl<'a> Cursor<'a> {
         if rest.get(len) != Some(&b'"') {
             return None;
         }
-        let s = self.text.get(self.i..self.i + len)?;
         self.i += len + 1;
-        Some(s)
+        rest.get(..len)
+    }
+
+    /// A string without escapes or control characters.
+    fn string(&mut self) -> Option<&'a str> {
+        let len = self.raw_string()?.len();
+        // Between two quotes: character boundaries.
+        self.text.get(self.i - 1 - len..self.i - 1)
     }
 
     /// `[` strings `]`.
@@ -88,6 +101,57 @@ impl<'a> Cursor<'a> {
         let continues = matches!(self.peek(), Some(b'.' | b'e' | b'E'));
         (digits > 0 && !leading_zero && !continues).then_some(n)
     }
+
+    /// The key object from here (leading whitespace included, nothing after its `}` read).
+    fn key(&mut self) -> Option<RawKey<'a>> {
+        let (mut id, mut hash, mut owner, mut status, mut plan) = (None, None, None, None, None);
+        let (mut expires_at, mut allowed_ips, mut sites, mut scopes) = (None, None, None, None);
+        self.ws();
+        self.eat(b'{')?;
+        loop {
+            self.ws();
+            // Names compared as bytes: a name that is not one of these declines anyway.
+            let name = self.raw_string()?;
+            self.ws();
+            self.eat(b':')?;
+            self.ws();
+            match name {
+                b"id" => text(&mut id, self)?,
+                b"hash" => text(&mut hash, self)?,
+                b"owner" => text(&mut owner, self)?,
+                b"status" => text(&mut status, self)?,
+                b"plan" => text(&mut plan, self)?,
+                b"expires_at" if expires_at.is_none() => {
+                    expires_at = Some(match self.peek()? {
+                        b'"' => RawExpiry::Text(Cow::Borrowed(self.string()?)),
+                        _ => RawExpiry::Unix(self.unsigned()?),
+                    })
+                }
+                b"allowed_ips" if allowed_ips.is_none() => allowed_ips = Some(self.strings()?),
+                b"sites" if sites.is_none() => sites = Some(self.strings()?),
+                b"scopes" if scopes.is_none() => scopes = Some(self.strings()?),
+                _ => return None,
+            }
+            self.ws();
+            match self.next()? {
+                b',' => {}
+                b'}' => break,
+                _ => return None,
+            }
+        }
+        Some(RawKey {
+            id: id?,
+            hash: hash?,
+            owner: owner?,
+            status,
+            expires_at,
+            allowed_ips: allowed_ips.unwrap_or_default(),
+            sites: sites.unwrap_or_default(),
+            scopes: scopes.unwrap_or_default(),
+            plan,
+            rate_limits: None,
+        })
+    }
 }
 
 /// A string field, once (a field given twice is serde's error to report).
@@ -99,64 +163,41 @@ fn text<'a>(slot: &mut Option<Cow<'a, str>>, c: &mut Cursor<'a>) -> Option<()> {
     Some(())
 }
 
+fn cursor(text: &str) -> Cursor<'_> {
+    Cursor {
+        b: text.as_bytes(),
+        text,
+        i: 0,
+        lines: 0,
+        line_start: 0,
+    }
+}
+
 /// The key, when it has the common shape; `None` sends it to serde.
 pub(super) fn parse(bytes: &[u8]) -> Option<RawKey<'_>> {
-    let utf8 = std::str::from_utf8(bytes).ok()?;
-    let mut c = Cursor {
-        b: bytes,
-        text: utf8,
-        i: 0,
-    };
-    let (mut id, mut hash, mut owner, mut status, mut plan) = (None, None, None, None, None);
-    let (mut expires_at, mut allowed_ips, mut sites, mut scopes) = (None, None, None, None);
+    let mut c = cursor(std::str::from_utf8(bytes).ok()?);
+    let key = c.key()?;
     c.ws();
-    c.eat(b'{')?;
-    loop {
-        c.ws();
-        let name = c.string()?;
-        c.ws();
-        c.eat(b':')?;
-        c.ws();
-        match name {
-            "id" => text(&mut id, &mut c)?,
-            "hash" => text(&mut hash, &mut c)?,
-            "owner" => text(&mut owner, &mut c)?,
-            "status" => text(&mut status, &mut c)?,
-            "plan" => text(&mut plan, &mut c)?,
-            "expires_at" if expires_at.is_none() => {
-                expires_at = Some(match c.peek()? {
-                    b'"' => RawExpiry::Text(Cow::Borrowed(c.string()?)),
-                    _ => RawExpiry::Unix(c.unsigned()?),
-                })
-            }
-            "allowed_ips" if allowed_ips.is_none() => allowed_ips = Some(c.strings()?),
-            "sites" if sites.is_none() => sites = Some(c.strings()?),
-            "scopes" if scopes.is_none() => scopes = Some(c.strings()?),
-            _ => return None,
-        }
-        c.ws();
-        match c.next()? {
-            b',' => {}
-            b'}' => break,
-            _ => return None,
-        }
-    }
+    (c.i == bytes.len()).then_some(key)
+}
+
+/// The key at the start of `rest` (an element of `keys` and whatever of the chunk follows it, as
+/// far as it is valid UTF-8),
+/// read where it lies, when it has the common shape and is followed by whitespace and the `,`
+/// or `]` that ends it: exactly when [`parse`] would accept the element the scan splits there.
+/// With it, the bytes before that separator and the newlines in them (`scan::Taken`).
+pub(super) fn parse_in_place(rest: &str) -> Option<(RawKey<'_>, crate::scan::Taken)> {
+    let mut c = cursor(rest);
+    let key = c.key()?;
     c.ws();
-    if c.i != bytes.len() {
-        return None;
-    }
-    Some(RawKey {
-        id: id?,
-        hash: hash?,
-        owner: owner?,
-        status,
-        expires_at,
-        allowed_ips: allowed_ips.unwrap_or_default(),
-        sites: sites.unwrap_or_default(),
-        scopes: scopes.unwrap_or_default(),
-        plan,
-        rate_limits: None,
-    })
+    matches!(c.peek()?, b',' | b']').then_some((
+        key,
+        crate::scan::Taken {
+            len: c.i,
+            lines: c.lines,
+            line_start: c.line_start,
+        },
+    ))
 }
 
 #[cfg(test)]
