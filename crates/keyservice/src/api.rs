@@ -4,7 +4,7 @@ use crate::document::{self, Built, Content, Schema};
 use crate::error::ApiError;
 use crate::metrics::{DocState, Metrics};
 use crate::model;
-use crate::store::{KeyFilter, Named2, Store, UsageReport, USAGE_CLASSES};
+use crate::store::{KeyFilter, Named2, Store, UsageReport};
 use crate::util;
 use axum::body::Body;
 use axum::extract::{MatchedPath, Path, RawQuery, Request, State};
@@ -13,6 +13,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use keygate_core::response::Class;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use std::path::Path as FsPath;
@@ -734,7 +735,8 @@ fn usage_body(m: &Map<String, Value>, now: i64) -> Result<(i64, Vec<UsageReport>
             None | Some(Value::Null) => {}
             Some(Value::Object(classes)) => {
                 for (class, n) in classes {
-                    if !USAGE_CLASSES.contains(&class.as_str()) {
+                    // The refusal classes a usage report may count (SPEC §4).
+                    if !Class::ALL.iter().any(|c| c.name() == class) {
                         return Err(ApiError::bad(
                             f(&format!("refused.{class}")),
                             "not a decision class of SPEC §4",

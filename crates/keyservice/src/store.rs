@@ -107,17 +107,6 @@ impl Named {
     }
 }
 
-/// Refusal classes a usage report may count (SPEC §4).
-pub const USAGE_CLASSES: &[&str] = &[
-    "missing_key",
-    "invalid_key",
-    "expired_key",
-    "forbidden",
-    "ip_denied",
-    "rate_limited",
-    "unavailable",
-];
-
 /// One key's usage in a report.
 #[derive(Debug, Clone)]
 pub struct UsageReport {
