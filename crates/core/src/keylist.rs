@@ -104,6 +104,27 @@ impl KeyList {
     }
 }
 
+/// Every member a key object of the document may have (SPEC §2, metadata included); any other
+/// member rejects the document.
+pub const KEY_MEMBERS: &[&str] = &[
+    "id",
+    "hash",
+    "owner",
+    "status",
+    "expires_at",
+    "allowed_ips",
+    "sites",
+    "scopes",
+    "plan",
+    "rate_limits",
+    "meta",
+    "name",
+    "description",
+    "created_at",
+    "updated_at",
+    "last_used_at",
+];
+
 /// 1–256 visible ASCII characters: always a valid header value and log token.
 pub fn valid_name(s: &str) -> bool {
     (1..=256).contains(&s.len()) && s.bytes().all(|b| (0x21..=0x7e).contains(&b))

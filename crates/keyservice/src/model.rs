@@ -861,25 +861,6 @@ pub struct ImportKey {
     pub last_used_at: Option<i64>,
 }
 
-const KEY_DOC_MEMBERS: &[&str] = &[
-    "id",
-    "hash",
-    "owner",
-    "status",
-    "expires_at",
-    "allowed_ips",
-    "sites",
-    "scopes",
-    "plan",
-    "rate_limits",
-    "meta",
-    "name",
-    "description",
-    "created_at",
-    "updated_at",
-    "last_used_at",
-];
-
 /// Validates a §2 document for import: first with the filter's own parser (what a gateway
 /// would reject is rejected), then member by member for what the database keeps.
 pub fn import(body: &[u8]) -> Result<Import, ApiError> {
@@ -928,7 +909,12 @@ pub fn import(body: &[u8]) -> Result<Import, ApiError> {
         let Value::Object(k) = k else {
             return Err(ApiError::bad(format!("keys[{i}]"), "expected an object"));
         };
-        check_members(k, &format!("keys[{i}]."), KEY_DOC_MEMBERS, &[])?;
+        check_members(
+            k,
+            &format!("keys[{i}]."),
+            keygate_core::keylist::KEY_MEMBERS,
+            &[],
+        )?;
         let get = |m: &str| k.get(m).unwrap_or(&Value::Null);
         let status = match get("status") {
             Value::Null => "active".to_string(),

@@ -325,24 +325,6 @@ impl<'de> Deserialize<'de> for RawKey<'de> {
                 })
             }
         }
-        const FIELDS: &[&str] = &[
-            "id",
-            "hash",
-            "owner",
-            "status",
-            "expires_at",
-            "allowed_ips",
-            "sites",
-            "scopes",
-            "plan",
-            "rate_limits",
-            "meta",
-            "name",
-            "description",
-            "created_at",
-            "updated_at",
-            "last_used_at",
-        ];
-        d.deserialize_struct("RawKey", FIELDS, V)
+        d.deserialize_struct("RawKey", super::KEY_MEMBERS, V)
     }
 }
