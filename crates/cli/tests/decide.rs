@@ -8,14 +8,12 @@
 )] // test code
 
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
-use std::fs;
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-const BIN: &str = env!("CARGO_BIN_EXE_keygate");
+mod common;
+
+use common::{sha, Dir, BIN};
 /// 2027-01-16T00:00:10Z: ten seconds into every aligned window.
 const AT: &str = "1800057610";
 const KEY: &str = "ak_live_0001";
@@ -23,40 +21,6 @@ const OTHER_OWNER_KEY: &str = "ak_live_0002";
 const REVOKED_KEY: &str = "ak_live_0003";
 const EXPIRING_KEY: &str = "ak_live_0004";
 const PINNED_KEY: &str = "ak_live_0005";
-
-fn sha(s: &str) -> String {
-    Sha256::digest(s.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new() -> Dir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let d = std::env::temp_dir().join(format!(
-            "keygate-decide-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = fs::remove_dir_all(&d);
-        fs::create_dir_all(&d).unwrap();
-        Dir(d)
-    }
-    fn write(&self, name: &str, text: &str) -> String {
-        let p = self.0.join(name);
-        fs::write(&p, text).unwrap();
-        p.to_str().unwrap().to_string()
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 fn config() -> Value {
     json!({
