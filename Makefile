@@ -33,7 +33,7 @@ PYTEST_ARGS ?=
 IMAGE_DIR   := target/oci/keygate
 SYS_TOOLS   := docker-registry=docker-registry skopeo=skopeo /usr/lib/postgresql/*/bin/initdb=postgresql redis-server=redis-server
 
-.PHONY: fuzz fuzz-build bench bench-envoy bench-keyservice all deps rust-deps py-deps sys-deps build wasm wasm-timing cli image test unit lint fmt-check integration run clean distclean
+.PHONY: fuzz fuzz-build bench bench-envoy bench-keyservice bench-vm all deps rust-deps py-deps sys-deps build wasm wasm-timing cli image test unit lint fmt-check integration run clean distclean
 
 all: build
 
@@ -129,9 +129,17 @@ unit:
 
 bench: deps build
 	$(CARGO) bench -p keygate-core --bench matchers
+	@if command -v node >/dev/null 2>&1; then $(MAKE) bench-vm; else echo "bench-vm skipped: no node"; fi
 	$(CARGO) bench -p keygate-core --bench shared_memory
 	$(MAKE) bench-keyservice
 	$(MAKE) bench-envoy
+
+# The decision's own cost inside V8, without Envoy (bench/vm.py): the core's decide on the D
+# request, built for wasm32-wasip1 and run by Node's V8 (TurboFan only, as in proxy-wasm's V8
+# host), median of 7 fresh processes. Steady to a few per cent where Envoy's CPU per request
+# swings by 15%: for judging a change to the decision before bench-envoy. Needs `node` (18+).
+bench-vm: py-deps
+	$(VENV_PY) bench/vm.py --native
 
 # The key service at scale (release binary, SQLite and a PostgreSQL started in a temporary
 # directory): a 1M-key document rebuilt after one change, RSS, 304 cost, admin create/update
