@@ -332,11 +332,12 @@ NATIVE_RL_ACTIONS = [{"actions": [{"generic_key": {"descriptor_value": "bench"}}
 DIRECT_ROUTE = {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}}
 
 
-def trivial_config() -> str:
+def trivial_config(spec_io: bool = False) -> str:
     """Configuration T: the accepted keys' SHA-256, one hex digest a line (the benchmark key and
-    999 others)."""
+    999 others); S (`spec_io`): the same after a first line `spec-io` (bench/trivial/src/lib.rs)."""
     sha = hashlib.sha256
-    lines = [sha(BENCH_KEY.encode()).hexdigest()]
+    lines = ["spec-io"] if spec_io else []
+    lines += [sha(BENCH_KEY.encode()).hexdigest()]
     lines += [sha(key_text("trivial", i).encode()).hexdigest() for i in range(1, 1000)]
     return "\n".join(lines)
 
@@ -474,8 +475,8 @@ class Bench:
             env = harness.start_envoy(None, None, up_port, wasm=False, **common)
         elif spec.kind == "noop":
             env = harness.start_envoy("", None, up_port, wasm_path=NOOP_WASM, vm_id="noop", **common)
-        elif spec.kind == "trivial":
-            env = harness.start_envoy(trivial_config(), None, up_port, wasm_path=TRIVIAL_WASM, vm_id="trivial",
+        elif spec.kind in ("trivial", "trivial-spec"):
+            env = harness.start_envoy(trivial_config(spec.kind == "trivial-spec"), None, up_port, wasm_path=TRIVIAL_WASM, vm_id="trivial",
                                       **common)
         else:
             ks = self.keyserver(spec.doc)
@@ -521,12 +522,12 @@ class Bench:
         if spec.uses_rls and self.rls.calls <= calls:
             raise RuntimeError(f"{spec.name}: the benchmark request did not reach the Rate Limit Service "
                                "(global mode not in effect?)")
-        if spec.kind in ("native", "keygate", "trivial"):
+        if spec.kind in ("native", "keygate", "trivial", "trivial-spec"):
             bad = self.probe(env, BAD_KEY)
             if bad != 401:
                 raise RuntimeError(f"{spec.name}: an unknown key got {bad}, expected 401 (filter not active?)")
             want = "x-ratelimit-limit"
-            if (spec.kind in ("native", "trivial") or (spec.plugin or {}).get("rate_limit")) and want not in r.headers:
+            if (spec.kind in ("native", "trivial", "trivial-spec") or (spec.plugin or {}).get("rate_limit")) and want not in r.headers:
                 raise RuntimeError(f"{spec.name}: no {want} header on an allowed response: {r.headers}")
         if spec.kind == "keygate":
             fails = env.wasm_failures()
@@ -1195,15 +1196,18 @@ def paired_section(specs: list[Spec], res: dict[str, list[dict]], rounds: int) -
     a_spread = f"A {min(cpu['A']):.2f}–{max(cpu['A']):.2f} µs"
     floor_spread = f"C−A {min(diff['C']):.2f}–{max(diff['C']):.2f} µs"
     keygate = [n for n in names if n.startswith("D")] + (["E"] if "E" in names else [])
+    # S: the trivial filter making the host calls the contract asks for; over it, keygate's logic
+    rs = {n: ratio(n, "S") for n in keygate} if "S" in names else {}
     vs = [s for s in versus_specs(specs, res) if s.versus != "A"]  # X−A is a column already
     out = ["### Paired within each round (same minute: slow drift cancels)", "",
            "| round | A µs | " + " | ".join(f"{n}−A" for n in names if n != "A") + " | "
            + " | ".join(f"({n}−A)/(T−A)" for n in keygate) + " | "
+           + "".join(f"({n}−A)/(S−A) | " for n in rs)
            + " | ".join(f"({n}−A)/(C−A)" for n in keygate if n != "E") + " |"
            + (" (E−A)/(D−A) |" if "E" in names else "")
            + "".join(f" {s.name}−{s.versus} |" for s in vs),
            # ratio columns: one over T−A per keygate row, one over C−A per row but E, and (E−A)/(D−A)
-           "|---:|---:|" + "---:|" * (len(names) - 1) + "---:|" * (2 * len(keygate) + len(vs))]
+           "|---:|---:|" + "---:|" * (len(names) - 1) + "---:|" * (2 * len(keygate) + len(rs) + len(vs))]
     rt = {n: ratio(n, "T") for n in keygate}
     rc = {n: ratio(n, "C") for n in keygate if n != "E"}
     red = ratio("E", "D") if "E" in names else [float("nan")] * n_r
@@ -1211,11 +1215,13 @@ def paired_section(specs: list[Spec], res: dict[str, list[dict]], rounds: int) -
     for i in range(n_r):
         out.append(f"| {i + 1} | {cpu['A'][i]:.2f} | " + " | ".join(f"{diff[n][i]:+.2f}" for n in names if n != "A")
                    + " | " + " | ".join(f"{rt[n][i]:.2f}" for n in keygate) + " | "
+                   + "".join(f"{rs[n][i]:.2f} | " for n in rs)
                    + " | ".join(f"{rc[n][i]:.2f}" for n in rc) + " |" + (f" {red[i]:.3f} |" if "E" in names else "")
                    + "".join(f" {vdiff[n][i]:+.2f} |" for n in vdiff))
     out.append("| **median (min–max)** | " + _stats(cpu["A"]) + " | "
                + " | ".join(_stats(diff[n]) for n in names if n != "A") + " | "
                + " | ".join(_stats(rt[n]) for n in keygate) + " | "
+               + "".join(f"{_stats(rs[n])} | " for n in rs)
                + " | ".join(_stats(rc[n]) for n in rc) + " |" + (f" {_stats(red)} |" if "E" in names else "")
                + "".join(f" {_stats(vdiff[n])} |" for n in vdiff))
     out += ["", "Medians of the per-round ratios; beside each, the spread of A and of the floor C−A over the "
@@ -1223,6 +1229,15 @@ def paired_section(specs: list[Spec], res: dict[str, list[dict]], rounds: int) -
     for n in keygate:
         out.append(f"- **({n}−A)/(T−A) = {statistics.median(rt[n]):.2f}** (rounds {min(rt[n]):.2f}–{max(rt[n]):.2f}; "
                    f"T−A {_stats(diff['T'])} µs; {a_spread}; {floor_spread}) — target ≤ 1.0 (issue 13)")
+    for n in rs:
+        out.append(f"- **({n}−A)/(S−A) = {statistics.median(rs[n]):.2f}** (rounds {min(rs[n]):.2f}–{max(rs[n]):.2f}; "
+                   f"S−A {_stats(diff['S'])} µs): keygate against the cheapest filter that makes the host calls "
+                   f"the contract asks for on this request")
+    if rs:
+        st = [diff["S"][i] - diff["T"][i] for i in range(n_r)]
+        out.append(f"- **S−T = {statistics.median(st):+.2f} µs** ({min(st):+.2f} to {max(st):+.2f}): what those "
+                   f"host calls (whole header map, source address, clock, three request-header edits, response "
+                   f"headers replaced rather than added) cost any filter")
     for n in rc:
         out.append(f"- **({n}−A)/(C−A) = {statistics.median(rc[n]):.2f}** (rounds {min(rc[n]):.2f}–{max(rc[n]):.2f}; "
                    f"{a_spread}; {floor_spread}) — target ≤ 2.5 where the floor is steady")
@@ -1306,6 +1321,9 @@ def run(args: argparse.Namespace) -> int:
                 Spec("B", "native api_key_auth (1k) + local_ratelimit", "native"),
                 Spec("C", "noop wasm (the floor)", "noop"),
                 Spec("T", "trivial wasm: SHA-256, HashMap 1k, shared get+CAS, 3 response headers", "trivial"),
+                Spec("S", "T plus the host calls SPEC.md asks of keygate here: whole header map, source "
+                     "address, clock, credential removed, key id and owner set, response headers replaced",
+                     "trivial-spec"),
                 Spec("D", "keygate, 1k keys", "keygate", plugin=keygate_config(), doc="1k", keys=1_000),
                 Spec("E", "keygate, 1M keys", "keygate", plugin=keygate_config(), doc="1m", keys=1_000_000),
                 Spec("G", "D in global mode: Rate Limit Service (Python) over Redis on loopback, on wrk's CPU",

@@ -3,6 +3,15 @@
 //! `x-api-key` read with one host call, hashed, looked up; unknown or missing → 401. Known →
 //! the shared counter `trivial/count` is read and written back with its CAS (one attempt, a
 //! mismatch is ignored), and three `x-ratelimit-*` headers are added to the response.
+//!
+//! With `spec-io` as the configuration's first line (configuration S of `make bench`), it also
+//! makes every host call SPEC.md asks of keygate on that request, and nothing else: the whole
+//! header map is read (a repeated credential must be seen, §3 step 5) and `x-api-key` found in
+//! it, the connection's address read (`source.address`, for the IP lists of §3 steps 2 and 9),
+//! the clock read (rate-limit windows), and, on an allowed request, the credential removed and
+//! the key's id and owner set as request headers (§4), the response's rate-limit headers
+//! replacing the upstream's (§4). S − T is what the contract's I/O costs any filter; D − S is
+//! what keygate's own logic adds on top of the cheapest filter that keeps the contract.
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -14,7 +23,7 @@ use std::rc::Rc;
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Warn);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(TrivialRoot { keys: Rc::new(HashMap::new()) })
+        Box::new(TrivialRoot { keys: Rc::new(HashMap::new()), spec_io: false })
     });
 }}
 
@@ -23,6 +32,7 @@ const LIMIT: u64 = 4_000_000_000;
 
 struct TrivialRoot {
     keys: Rc<HashMap<[u8; 32], u32>>,
+    spec_io: bool,
 }
 
 fn unhex(s: &str) -> Option<[u8; 32]> {
@@ -54,6 +64,7 @@ impl RootContext for TrivialRoot {
             .map(|(i, h)| (h, i as u32))
             .collect();
         self.keys = Rc::new(keys);
+        self.spec_io = text.lines().next() == Some("spec-io");
         true
     }
 
@@ -61,6 +72,7 @@ impl RootContext for TrivialRoot {
         Some(Box::new(Trivial {
             keys: self.keys.clone(),
             count: None,
+            spec_io: self.spec_io,
         }))
     }
 
@@ -72,23 +84,35 @@ impl RootContext for TrivialRoot {
 struct Trivial {
     keys: Rc<HashMap<[u8; 32], u32>>,
     count: Option<u64>,
+    spec_io: bool,
 }
 
 impl Context for Trivial {}
 
 impl HttpContext for Trivial {
     fn on_http_request_headers(&mut self, _n: usize, _end: bool) -> Action {
-        let known = self
-            .get_http_request_header_bytes("x-api-key")
+        let key = if self.spec_io {
+            let found = self
+                .get_http_request_headers_bytes()
+                .into_iter()
+                .find(|(name, _)| name == "x-api-key")
+                .map(|(_, value)| value);
+            let _source = hostcalls::get_property(vec!["source", "address"]);
+            let _now = hostcalls::get_current_time();
+            found
+        } else {
+            self.get_http_request_header_bytes("x-api-key")
+        };
+        let known = key
             .map(|k| {
                 let h: [u8; 32] = Sha256::digest(&k).into();
-                self.keys.contains_key(&h)
+                self.keys.get(&h).copied()
             })
-            .unwrap_or(false);
-        if !known {
+            .unwrap_or(None);
+        let Some(index) = known else {
             self.send_http_response(401, vec![], Some(b"unauthorized"));
             return Action::Pause;
-        }
+        };
         let (count, cas) = match hostcalls::get_shared_data(COUNTER) {
             Ok((Some(v), cas)) => (
                 v.get(..8)
@@ -103,17 +127,28 @@ impl HttpContext for Trivial {
         let next = count + 1;
         let _ = hostcalls::set_shared_data(COUNTER, Some(&next.to_le_bytes()), cas);
         self.count = Some(next);
+        if self.spec_io {
+            self.set_http_request_header("x-api-key", None);
+            self.set_http_request_header("x-api-key-id", Some(&format!("key-{index}")));
+            self.set_http_request_header("x-api-key-owner", Some(&format!("org-{index}")));
+        }
         Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _n: usize, _end: bool) -> Action {
         if let Some(n) = self.count {
-            self.add_http_response_header("x-ratelimit-limit", &LIMIT.to_string());
-            self.add_http_response_header(
-                "x-ratelimit-remaining",
-                &LIMIT.saturating_sub(n).to_string(),
-            );
-            self.add_http_response_header("x-ratelimit-reset", "60");
+            let headers = [
+                ("x-ratelimit-limit", LIMIT.to_string()),
+                ("x-ratelimit-remaining", LIMIT.saturating_sub(n).to_string()),
+                ("x-ratelimit-reset", "60".to_string()),
+            ];
+            for (name, value) in headers {
+                if self.spec_io {
+                    self.set_http_response_header(name, Some(&value));
+                } else {
+                    self.add_http_response_header(name, &value);
+                }
+            }
         }
         Action::Continue
     }
