@@ -151,7 +151,8 @@ bench-keyservice: cli
 # keygate in real Envoy under load (issue 13's method): bench/run.py re-runs itself in a session of
 # its own at autogroup nice -20; Envoy --concurrency 1 on CPU 0, wrk -t1 -c32 on CPU 1, a
 # direct_response route on the proxy (no upstream hop); router-only (A), Envoy's native
-# api_key_auth + local_ratelimit (B), an empty wasm filter (C), a trivial key filter (T, bench/trivial),
+# api_key_auth + local_ratelimit (B), an empty wasm filter (C), a trivial key filter (T, bench/trivial)
+# and the same making the host calls the SPEC asks of keygate (S),
 # keygate with 1k (D) and 1M keys (E), D in global mode (G) against tests/support/ratelimit_service.py
 # over a redis-server it starts on wrk's CPU (grpcio from the .venv, redis-server from `make deps`;
 # G is skipped with a note without them) and Envoy's own ratelimit filter against that service (R)

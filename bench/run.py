@@ -9,12 +9,15 @@ this process). With two or more CPUs, Envoy is pinned to the first and wrk, this
 key service to the second (`taskset`).
 
 1  throughput, latency and Envoy CPU per request, `--concurrency 1`, a fresh Envoy per run,
-   configurations interleaved round by round (A B C T D E G R, A B C T D E G R, ...; default 5
+   configurations interleaved round by round (A B C T S D E G R, A B C T S D E G R, ...; default 5
    rounds of 5 s after a 2 s warm-up, wrk -t1 -c32); every route answers with a direct_response
    on the proxy itself (no upstream hop), except R's (see below):
      A  router only
      T  a trivial wasm filter (bench/trivial): SHA-256 of x-api-key, a HashMap of 1,000 hashes,
         one shared-data get + CAS, three x-ratelimit-* response headers (issue 13's yardstick)
+     S  T plus every host call SPEC.md asks of keygate on this request (whole header map, source
+        address, clock, credential removed, key id and owner set, response headers replaced):
+        the cheapest filter that keeps the contract; D − S is keygate's own logic
      B  Envoy's native api_key_auth (1,000 credentials) + local_ratelimit (x-ratelimit headers)
      C  a wasm filter that does nothing (bench/noop): the floor of any wasm filter
      D  keygate, realistic: 1,000 keys, x-api-key + Bearer, 100 CIDRs in ip_allow, 20 route
