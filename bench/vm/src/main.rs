@@ -22,6 +22,10 @@ fn main() {
         eprintln!("usage: keygate-bench-vm CONFIG LIST [N]");
         std::process::exit(2);
     };
+    if cfg_path == "load" {
+        load(list_path);
+        return;
+    }
     let n: u32 = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(200_000);
     let read = |p: &str| std::fs::read(p).unwrap_or_else(|e| fail(&format!("{p}: {e}")));
     let cfg = config::parse(&read(cfg_path)).unwrap_or_else(|e| fail(&e.to_string()));
@@ -75,6 +79,26 @@ fn main() {
 
     let sha = time_calls(n, || sha2::Sha256::digest(black_box(KEY.as_bytes())).into());
     println!("decide_us {decide:.3} sha256_us {sha:.3}");
+}
+
+/// `keygate-bench-vm load LIST`: wall seconds to parse the key list and to publish it into the
+/// in-memory store (the host's shared data in Envoy), as `parse_s P publish_s Q keys N`.
+fn load(list_path: &str) {
+    let body = std::fs::read(list_path).unwrap_or_else(|e| fail(&format!("{list_path}: {e}")));
+    let t = Instant::now();
+    let mut list = keylist::parse(&body).unwrap_or_else(|e| fail(&e.to_string()));
+    let parse_s = t.elapsed().as_secs_f64();
+    let keys = list.len();
+    let store = MemoryStore::default();
+    let t = Instant::now();
+    if Publisher::default()
+        .publish(&store, &mut list, None, "bench", NOW_S)
+        .is_none()
+    {
+        fail("the list was not published");
+    }
+    let publish_s = t.elapsed().as_secs_f64();
+    println!("parse_s {parse_s:.3} publish_s {publish_s:.3} keys {keys}");
 }
 
 /// One decision of the D request at `NOW_S` + i/50,000 seconds; true when it was allowed.
