@@ -278,7 +278,13 @@ class Envoy:
             return [f.result() for f in futs]
 
     # ---- admin ------------------------------------------------------------------------------
+    # keygate counts decisions in each VM and adds them to Envoy's counters on the VM's next
+    # tick (100 ms, crates/filter/src/metrics.rs): a stats read waits out two ticks first.
+    STATS_FLUSH_S = 0.25
+
     def admin(self, path: str, method: str = "GET", timeout: float = 5.0) -> tuple[int, str]:
+        if path.startswith("/stats"):
+            time.sleep(self.STATS_FLUSH_S)
         r = http_request(self.host, self.admin_port, method, path, timeout=timeout)
         return r.status, r.text
 

@@ -1,7 +1,10 @@
 //! The `keygate_*` metrics (docs/metrics.md): a counter per decision, per shadowed refusal, per
 //! fetch outcome and per global-mode call, gauges of the list in force (keys, age), and what only
 //! the filter can see of its own footprint (shared-data entries, each VM's linear memory), set
-//! once per tick, never per request. None is per key or per client. Counters follow Prometheus
+//! once per tick, never per request. None is per key or per client. The per-request counters
+//! (decisions, shadowed refusals) are counted in the VM and added to Envoy's on the VM's next
+//! tick (every 100 ms) and when the VM stops: a host call per request saved, a scrape sees a
+//! request at most a tick late. Counters follow Prometheus
 //! conventions (`_total`), with the decision or fetch result in the name after a dot
 //! (`keygate_requests_total.decision.allowed`), which Envoy's `stats_tags` turn into a tag
 //! (envoy/prometheus/stats_tags.yaml).
@@ -12,11 +15,15 @@ use keygate_core::loader::Fetch;
 use keygate_core::response::Class;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
+use std::cell::Cell;
 
 #[derive(Default)]
 pub struct Metrics {
     decisions: Vec<Option<u32>>,
     shadow: Vec<Option<u32>>,
+    /// Counts not yet added to `decisions` and `shadow` (same order, shadow after decisions):
+    /// see [`Metrics::flush`].
+    pending: [Cell<u64>; DECISIONS.len() + SHADOW.len()],
     fetches: Vec<Option<u32>>,
     keys_loaded: Option<u32>,
     shared_entries: Option<u32>,
@@ -96,6 +103,7 @@ impl Metrics {
         Metrics {
             decisions: counters(&DECISIONS),
             shadow: counters(&SHADOW),
+            pending: Default::default(),
             fetches: counters(&FETCHES),
             keys_loaded: define(MetricType::Gauge, "keygate_keys_loaded"),
             shared_entries: define(MetricType::Gauge, "keygate_shared_entries"),
@@ -115,17 +123,35 @@ impl Metrics {
         }
     }
 
-    /// One host call per request: a shadowed refusal is counted only as such.
+    /// Counts a request's decision (a shadowed refusal only as such), in the VM: no host call
+    /// per request; [`Metrics::flush`] adds the counts to Envoy's counters.
     pub fn decision(&self, kind: Kind) {
-        let (set, i) = match kind {
-            Kind::Allowed => (&self.decisions, 0),
-            Kind::Exempt => (&self.decisions, 1),
-            Kind::FailOpen => (&self.decisions, 2),
-            Kind::Whoami => (&self.decisions, 3),
-            Kind::Refused(c) => (&self.decisions, 4 + class_index(c)),
-            Kind::Shadow(c) => (&self.shadow, class_index(c)),
+        let i = match kind {
+            Kind::Allowed => 0,
+            Kind::Exempt => 1,
+            Kind::FailOpen => 2,
+            Kind::Whoami => 3,
+            Kind::Refused(c) => 4 + class_index(c),
+            Kind::Shadow(c) => DECISIONS.len() + class_index(c),
         };
-        Self::bump(set.get(i).copied().flatten());
+        if let Some(n) = self.pending.get(i) {
+            n.set(n.get().saturating_add(1));
+        }
+    }
+
+    /// Adds the decisions counted since the last flush to Envoy's counters: one host call per
+    /// counter that moved. On every tick (100 ms) and when the VM stops.
+    pub fn flush(&self) {
+        let ids = self.decisions.iter().chain(&self.shadow);
+        for (n, id) in self.pending.iter().zip(ids) {
+            let count = n.take();
+            if count > 0 {
+                if let Some(id) = id {
+                    let _ =
+                        hostcalls::increment_metric(*id, i64::try_from(count).unwrap_or(i64::MAX));
+                }
+            }
+        }
     }
 
     pub fn global(&self, r: GlobalResult) {

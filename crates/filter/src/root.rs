@@ -168,6 +168,15 @@ impl Root {
 }
 
 impl Context for Root {
+    /// The VM is stopping (configuration replaced, Envoy draining): the decisions counted since
+    /// the last tick reach Envoy's counters before it goes.
+    fn on_done(&mut self) -> bool {
+        if let Some(s) = &self.shared {
+            s.metrics.flush();
+        }
+        true
+    }
+
     fn on_http_call_response(
         &mut self,
         token_id: u32,
@@ -254,6 +263,7 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         let Some(s) = self.shared.clone() else { return };
+        s.metrics.flush();
         if self.loader.has_pending() {
             let report = self.loader.publish_pending(&HostStore, now_ms());
             self.carry_out(report);
