@@ -17,6 +17,7 @@ use crate::shared::{self, SharedStore};
 use sha2::{Digest, Sha256};
 use std::cell::OnceCell;
 use std::net::IpAddr;
+use std::rc::Rc;
 
 /// Keys longer than this are refused before hashing.
 pub const MAX_KEY_BYTES: usize = 1024;
@@ -330,25 +331,21 @@ fn lookup(
     cache: &mut BucketCache,
     source: &KeyListSource,
     hash: &[u8; 32],
-    buf: &mut Vec<u8>,
-) -> Option<()> {
+) -> Option<Rc<[u8]>> {
     for _ in 0..2 {
         let index = record::bucket_index(hash, list.bits);
-        let cached = match cache.get(list.generation, list.bits, index) {
-            Some(value) => {
-                buf.clear();
-                buf.extend_from_slice(value);
-                true
-            }
+        let (bucket, cached) = match cache.get(list.generation, list.bits, index) {
+            Some(value) => (value, true),
             None => {
-                *buf = store
+                let value: Rc<[u8]> = store
                     .get(&shared::key::bucket(list.bits, index))
                     .0
-                    .unwrap_or_default();
-                false
+                    .unwrap_or_default()
+                    .into();
+                (value, false)
             }
         };
-        match record::locate(buf, hash) {
+        match record::locate(&bucket, hash) {
             Located::Moved => {
                 *list =
                     ListState::from_meta(publish::read_meta(store).as_ref(), &source.source_id());
@@ -358,9 +355,9 @@ fn lookup(
             }
             _ => {
                 if !cached {
-                    cache.put(list.generation, list.bits, index, buf.clone());
+                    cache.put(list.generation, list.bits, index, Rc::clone(&bucket));
                 }
-                return Some(());
+                return Some(bucket);
             }
         }
     }
@@ -511,21 +508,32 @@ pub fn decide_cached(
                 .key_prefixes
                 .iter()
                 .any(|p| key.starts_with(p.as_bytes())));
-    let mut buf = Vec::new();
+    let bucket;
     let dict;
     let record = if well_formed {
-        let hash: [u8; 32] = Sha256::digest(key).into();
-        match lookup(store, list, cache, &cfg.key_list, &hash, &mut buf) {
+        let (hash, memo) = match cache.hashes.get(key) {
+            Some(hash) => (hash, true),
+            None => (Sha256::digest(key).into(), false),
+        };
+        match lookup(store, list, cache, &cfg.key_list, &hash) {
             None if shadow(cfg, &mut shadowed, Class::Unavailable) => {
                 let class = shadowed.unwrap_or(Class::Unavailable);
                 return keyless(cfg, req, Some(&credential.location), class);
             }
             None => return refused(cfg, Class::Unavailable),
-            Some(()) => {
+            Some(b) => {
+                bucket = b;
                 // This VM's copy of the bucket's dictionary (read only when it changed).
-                dict = record::dictionary_for(store, &buf);
-                match dict.as_deref().map(|d| record::find(&buf, &hash, d)) {
-                    Some(Found::Key(r)) => Some(r),
+                dict = record::dictionary_for(store, &bucket);
+                match dict.as_deref().map(|d| record::find(&bucket, &hash, d)) {
+                    Some(Found::Key(r)) => {
+                        // Only keys of the list are memoized: a flood of made-up keys does
+                        // not push real ones out.
+                        if !memo {
+                            cache.hashes.put(key, hash);
+                        }
+                        Some(r)
+                    }
                     _ => None,
                 }
             }

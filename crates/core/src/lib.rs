@@ -11,6 +11,7 @@ pub mod credential;
 pub mod decision;
 pub mod dictionary;
 pub mod fuzzing;
+pub mod hash_cache;
 pub mod ipset;
 pub mod json;
 pub mod keylist;
