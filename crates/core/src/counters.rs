@@ -7,20 +7,21 @@ use crate::ratelimit::{self, Counted, IP_SLOTS, KEY_SLOTS};
 use crate::shared::{key, update, SharedStore, Step};
 use std::net::IpAddr;
 
-fn key_slot(id: &str) -> (u64, String) {
+/// A key's tag and slot in the counter table.
+fn key_slot(id: &str) -> (u64, u64) {
     let tag = ratelimit::fnv1a(id.as_bytes());
-    (tag, key::rate_limit_slot(tag % KEY_SLOTS as u64))
+    (tag, tag % KEY_SLOTS as u64)
 }
 
-/// An owner's slot: tagged from the owner id behind a NUL byte, which no key id holds (ids are
-/// visible ASCII), so an owner and a key of the same name keep separate counts.
-fn owner_slot(owner: &str) -> (u64, String) {
+/// An owner's tag and slot: tagged from the owner id behind a NUL byte, which no key id holds
+/// (ids are visible ASCII), so an owner and a key of the same name keep separate counts.
+fn owner_slot(owner: &str) -> (u64, u64) {
     let mut h = ratelimit::fnv1a(&[0]);
     for b in owner.as_bytes() {
         h ^= *b as u64;
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    (h, key::rate_limit_slot(h % KEY_SLOTS as u64))
+    (h, h % KEY_SLOTS as u64)
 }
 
 fn ip_slot(ip: Option<IpAddr>) -> String {
@@ -57,8 +58,9 @@ pub fn count_key(
     limits: &[Limit],
     now_s: u64,
 ) -> Option<Counted> {
-    let (tag, name) = key_slot(id);
-    update(store, &name, |slot| {
+    let (tag, slot) = key_slot(id);
+    let mut buf = [0u8; 32];
+    update(store, key::rate_limit_slot_in(slot, &mut buf), |slot| {
         let (next, counted) = ratelimit::count_in_slot(slot.unwrap_or(&[]), tag, limits, now_s);
         Step::Write(next, counted)
     })
@@ -72,8 +74,9 @@ pub fn count_owner(
     limits: &[Limit],
     now_s: u64,
 ) -> Option<Counted> {
-    let (tag, name) = owner_slot(owner);
-    update(store, &name, |slot| {
+    let (tag, slot) = owner_slot(owner);
+    let mut buf = [0u8; 32];
+    update(store, key::rate_limit_slot_in(slot, &mut buf), |slot| {
         let (next, counted) = ratelimit::count_in_slot(slot.unwrap_or(&[]), tag, limits, now_s);
         Step::Write(next, counted)
     })

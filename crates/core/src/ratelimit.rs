@@ -125,7 +125,10 @@ pub fn count_in_slot(slot: &[u8], tag: u64, limits: &[Limit], now_s: u64) -> (Ve
         }
     }
     let mut states = Vec::with_capacity(limits.len());
-    let mut mine = Vec::with_capacity(WINDOW * limits.len());
+    // This key's entry goes last, written in place: tag, window count (patched below), windows.
+    out.extend_from_slice(&tag.to_le_bytes());
+    let count_at = out.len();
+    out.push(0);
     let mut written = 0u8;
     for l in limits {
         let w = l.window_s.max(1);
@@ -150,9 +153,9 @@ pub fn count_in_slot(slot: &[u8], tag: u64, limits: &[Limit], now_s: u64) -> (Ve
                 .map(|c| read_u32(c, 16) as u64)
                 .unwrap_or(0);
             let count = prior.saturating_add(1).min(u32::MAX as u64);
-            mine.extend_from_slice(&w.to_le_bytes());
-            mine.extend_from_slice(&start.to_le_bytes());
-            mine.extend_from_slice(&(count as u32).to_le_bytes());
+            out.extend_from_slice(&w.to_le_bytes());
+            out.extend_from_slice(&start.to_le_bytes());
+            out.extend_from_slice(&(count as u32).to_le_bytes());
             written += 1;
             count
         };
@@ -163,10 +166,10 @@ pub fn count_in_slot(slot: &[u8], tag: u64, limits: &[Limit], now_s: u64) -> (Ve
             reset: start + w,
         });
     }
-    if written > 0 {
-        out.extend_from_slice(&tag.to_le_bytes());
-        out.push(written);
-        out.extend_from_slice(&mine);
+    if written == 0 {
+        out.truncate(count_at - 8);
+    } else if let Some(n) = out.get_mut(count_at) {
+        *n = written;
     }
     (out, Counted { states })
 }

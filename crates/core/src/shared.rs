@@ -103,6 +103,30 @@ pub mod key {
         format!("keygate:rl:{slot}")
     }
 
+    /// [`rate_limit_slot`] written into `buf`, for the per-request path: no allocation.
+    pub fn rate_limit_slot_in(slot: u64, buf: &mut [u8; 32]) -> &str {
+        const PREFIX: &[u8] = b"keygate:rl:";
+        let mut digits = [0u8; 20];
+        let mut n = slot;
+        let mut len = 0;
+        for d in digits.iter_mut().rev() {
+            *d = b'0' + (n % 10) as u8;
+            n /= 10;
+            len += 1;
+            if n == 0 {
+                break;
+            }
+        }
+        let digits = digits.get(digits.len() - len..).unwrap_or_default();
+        let end = PREFIX.len() + digits.len();
+        for (b, c) in buf.iter_mut().zip(PREFIX.iter().chain(digits)) {
+            *b = *c;
+        }
+        buf.get(..end)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .unwrap_or_default()
+    }
+
     /// Slot `slot` of the per-client-IP failed-attempt table (`counters`).
     pub fn ip_slot(slot: u64) -> String {
         format!("keygate:ip:{slot}")
@@ -164,6 +188,17 @@ impl SharedStore for MemoryStore {
 mod tests {
     use super::*;
     use std::cell::Cell;
+
+    #[test]
+    fn slot_names_written_in_place_are_the_formatted_ones() {
+        let mut buf = [0u8; 32];
+        for slot in (0..crate::ratelimit::KEY_SLOTS as u64).chain([u64::MAX, 10, 100, 99_999]) {
+            assert_eq!(
+                key::rate_limit_slot_in(slot, &mut buf),
+                key::rate_limit_slot(slot)
+            );
+        }
+    }
 
     #[test]
     fn cas_mismatch_is_reported() {
