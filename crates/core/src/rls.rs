@@ -129,6 +129,16 @@ fn put_varint(out: &mut Vec<u8>, field: u64, v: u64) {
 /// `envoy.config.core.v3.GrpcService { envoy_grpc { cluster_name } }`, serialised: what
 /// `proxy_dispatch_grpc_call` takes to name the service's cluster unambiguously (Envoy reads a
 /// bare string as a cluster name only when it does not parse as this message).
+/// Whether a call that failed `elapsed_ms` after the request was decided failed on its deadline
+/// (`timeout_ms`): Envoy ends such a call as an upstream 504, which gRPC reports as UNAVAILABLE,
+/// so the time tells a timeout from a refused or reset connection. Envoy arms the call's timer
+/// from its event loop's cached clock, which can be a few ms behind the clock the filter read,
+/// so a failure within a tenth of the deadline (50 ms at most) of it counts as the deadline.
+pub fn failed_on_deadline(elapsed_ms: u64, timeout_ms: u64) -> bool {
+    let slack = (timeout_ms / 10).min(50);
+    elapsed_ms.saturating_add(slack) >= timeout_ms
+}
+
 pub fn grpc_service(cluster: &str) -> Vec<u8> {
     let mut envoy_grpc = Vec::with_capacity(cluster.len() + 2);
     put_bytes(&mut envoy_grpc, 1, cluster.as_bytes());
@@ -439,6 +449,26 @@ pub fn counted(
 mod tests {
     #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
     use super::*;
+
+    #[test]
+    fn a_failure_at_the_deadline_is_a_timeout_within_its_slack() {
+        assert!(failed_on_deadline(2_000, 2_000));
+        assert!(
+            failed_on_deadline(1_997, 2_000),
+            "timer armed from a clock a few ms behind"
+        );
+        assert!(failed_on_deadline(1_950, 2_000));
+        assert!(!failed_on_deadline(1_949, 2_000));
+        assert!(
+            !failed_on_deadline(3, 2_000),
+            "refused at once: unavailable"
+        );
+        assert!(
+            failed_on_deadline(18, 20) && !failed_on_deadline(17, 20),
+            "a tenth of a short one"
+        );
+        assert!(failed_on_deadline(0, 0));
+    }
 
     fn l(limit: u64, window_s: u64) -> Limit {
         Limit { limit, window_s }

@@ -55,7 +55,7 @@ impl Context for Http {
             Vec::new()
         };
         // Envoy ends a call that outlived its timeout as an upstream 504, which gRPC maps to
-        // UNAVAILABLE: a failure at or after the deadline is a timeout.
+        // UNAVAILABLE: a failure at the deadline is a timeout (`rls::failed_on_deadline`).
         let timeout_ms = self
             .shared
             .config
@@ -65,7 +65,9 @@ impl Context for Http {
         let answer = match status_code {
             0 => GlobalAnswer::Reply(&body),
             GRPC_DEADLINE_EXCEEDED => GlobalAnswer::Timeout,
-            _ if now_ms().saturating_sub(sent_ms) >= timeout_ms => GlobalAnswer::Timeout,
+            _ if rls::failed_on_deadline(now_ms().saturating_sub(sent_ms), timeout_ms) => {
+                GlobalAnswer::Timeout
+            }
             _ => GlobalAnswer::Unavailable,
         };
         let outcome = self.settle(pending, answer, sent_ms);
