@@ -797,6 +797,18 @@ pub fn import_export(db: &str) {
     s2.stop();
 }
 
+/// A service that purges revoked and rotated-out keys after 1 s, checking every second.
+fn purging(db: &str) -> Server {
+    Server::start_with(
+        db,
+        Options {
+            retention_s: 1,
+            purge_interval_s: 1,
+            ..Options::default()
+        },
+    )
+}
+
 pub fn retention(db: &str) {
     retention_with(db, || {});
 }
@@ -804,14 +816,7 @@ pub fn retention(db: &str) {
 /// `retention`, with `started` called once the service serves its first document (the
 /// PostgreSQL test holds the builder back there).
 pub fn retention_with(db: &str, started: impl FnOnce()) {
-    let s = Server::start_with(
-        db,
-        Options {
-            retention_s: 1,
-            purge_interval_s: 1,
-            ..Options::default()
-        },
-    );
+    let s = purging(db);
     started();
     let (a, _) = s.create(json!({"owner": "o"}));
     let (b, _) = s.create(json!({"owner": "o"}));
@@ -907,14 +912,7 @@ pub fn concurrent(db: &str, servers: &[&Server]) {
 /// deletes, owner and plan changes, an import, retention purges) is byte for byte, ETag
 /// included, the one a service started afterwards builds whole.
 pub fn incremental_matches_full(db: &str) {
-    let s = Server::start_with(
-        db,
-        Options {
-            retention_s: 1,
-            purge_interval_s: 1,
-            ..Options::default()
-        },
-    );
+    let s = purging(db);
     let ok = |r: Resp, status: u16| assert_eq!(r.status, status, "{}", r.body);
     ok(
         s.send(
